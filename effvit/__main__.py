@@ -1,0 +1,5 @@
+import sys
+
+from effvit.cli import main
+
+sys.exit(main())

@@ -1,0 +1,252 @@
+"""Reading, converting and writing EfficientViT-M weights.
+
+Three layouts are read, detected from the keys: the official release (a dict with the state dict under
+'model', keys like ``blocks2.3.mixer.m.attn.qkvs.0.c.weight``), timm's (``stages.1.blocks.0...``; our
+modules use the same names) and effvit's own checkpoints (timm layout plus metadata). Everything is
+loaded with ``weights_only=True`` or safetensors: nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .efficientvit import VARIANTS
+
+FORMAT_TAG = "effvit-checkpoint-v1"
+
+
+# -- reading ---------------------------------------------------------------------------------------
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def download(url: str, sha256: str | None = None, cache_dir: str | Path | None = None) -> Path:
+    """Fetch ``url`` into the torch hub cache (once), verifying its SHA-256 when one is given."""
+    cache = Path(cache_dir) if cache_dir else Path(torch.hub.get_dir()) / "checkpoints" / "effvit"
+    cache.mkdir(parents=True, exist_ok=True)
+    dst = cache / (os.path.basename(urlparse(url).path) or "checkpoint.pth")
+    if not dst.exists():
+        try:
+            torch.hub.download_url_to_file(url, str(dst), progress=True)
+        except Exception as e:
+            raise OSError(f"could not download {url}: {e}. Download it by hand and pass the file path") from e
+    if sha256:
+        got = _sha256(dst)
+        if got != sha256.lower():
+            dst.unlink()
+            raise ValueError(f"SHA-256 mismatch for {url}: expected {sha256}, got {got}; the file was "
+                             "removed from the cache. Check the URL and the hash")
+    return dst
+
+
+def _read_file(path: Path) -> Mapping:
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as e:
+            raise ValueError(f"{path} is not a readable safetensors file ({e}); it may be truncated "
+                             "or corrupt: fetch it again") from e
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            raise ValueError(f"{path} holds arbitrary Python objects, which effvit never unpickles; "
+                             "save a plain state dict (or safetensors) instead") from e
+        raise ValueError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: {e}); it may be "
+                         "truncated or corrupt: fetch it again") from e
+
+
+def read_checkpoint(source: str | Path, sha256: str | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """(state dict in timm layout, metadata) from a path or URL in any supported layout."""
+    source = str(source)
+    path = download(source, sha256) if re.match(r"^(https?|file)://", source) else Path(source)
+    if sha256 and not re.match(r"^(https?|file)://", source) and _sha256(path) != sha256.lower():
+        raise ValueError(f"SHA-256 mismatch for {path}: expected {sha256}")
+    obj = _read_file(path)
+    meta: dict = {}
+    if isinstance(obj, Mapping) and obj.get("format") == FORMAT_TAG:
+        meta = dict(obj.get("meta", {}))
+        obj = obj["state_dict"]
+    elif isinstance(obj, Mapping):
+        for key in ("state_dict", "model"):  # official: {'model': sd}; trainers: {'state_dict': sd}
+            if key in obj and isinstance(obj[key], Mapping):
+                obj = obj[key]
+                break
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"{source} does not hold a state dict of tensors (top-level keys: "
+                         f"{list(obj)[:8] if isinstance(obj, Mapping) else type(obj).__name__})")
+    sd = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in obj.items()}
+    return (official_to_timm(sd) if is_official_layout(sd) else sd), meta
+
+
+# -- official <-> timm layout ----------------------------------------------------------------------
+def is_official_layout(sd: Mapping[str, torch.Tensor]) -> bool:
+    return any(k.startswith(("blocks1.", "patch_embed.0.")) for k in sd)
+
+
+_LEAF = {"c": "conv", "l": "linear", "conv_reduce": "fc1", "conv_expand": "fc2"}
+
+
+def _official_key(key: str) -> str | None:
+    if key.endswith("attention_bias_idxs"):
+        return None  # derived buffer, rebuilt by the model
+    parts = key.split(".")
+    parts = [_LEAF.get(p, p) if i >= len(parts) - 2 else p for i, p in enumerate(parts)]
+    if parts[0] == "patch_embed":
+        parts[1:2] = [f"conv{int(parts[1]) // 2 + 1}"]
+    elif parts[0] in ("blocks1", "blocks2", "blocks3"):
+        stage, j = int(parts[0][-1]) - 1, int(parts[1])
+        if stage == 0:
+            parts[:2] = ["stages", "0", "blocks", str(j)]
+        elif j < 3:
+            parts[:2] = ["stages", str(stage), "downsample", ("res1", "patchmerge", "res2")[j]]
+        else:
+            parts[:2] = ["stages", str(stage), "blocks", str(j - 3)]
+    return ".".join(parts)
+
+
+def official_to_timm(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename an official state dict to timm's layout (bit-exact; derived buffers dropped)."""
+    out = {}
+    for k, v in sd.items():
+        new = _official_key(k)
+        if new is not None:
+            out[new] = v
+    return out
+
+
+def timm_to_official(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse mapping, for tests and for users of the official code."""
+    inv_leaf = {"conv": "c", "linear": "l", "fc1": "conv_reduce", "fc2": "conv_expand"}
+    out = {}
+    for k, v in sd.items():
+        p = k.split(".")
+        p = [inv_leaf.get(x, x) if i >= len(p) - 2 else x for i, x in enumerate(p)]
+        if p[0] == "patch_embed":
+            p[1:2] = [str((int(p[1][-1]) - 1) * 2)]
+        elif p[0] == "stages":
+            s = int(p[1])
+            if p[2] == "blocks":
+                j = int(p[3]) + (0 if s == 0 else 3)
+            else:
+                j = ("res1", "patchmerge", "res2").index(p[3])
+            p[:4] = [f"blocks{s + 1}", str(j)]
+        out[".".join(p)] = v
+    return out
+
+
+# -- fitting a state dict to a model ---------------------------------------------------------------
+def detect_variant(sd: Mapping[str, torch.Tensor]) -> str | None:
+    """Which EfficientViT-M variant a timm-layout state dict belongs to (None if it matches none)."""
+    try:
+        widths = (sd["patch_embed.conv4.conv.weight"].shape[0],
+                  sd["stages.1.downsample.patchmerge.conv3.conv.weight"].shape[0],
+                  sd["stages.2.downsample.patchmerge.conv3.conv.weight"].shape[0])
+    except KeyError:
+        return None
+    depths = tuple(len({k.split(".")[3] for k in sd if k.startswith(f"stages.{s}.blocks.")}) for s in range(3))
+    heads = tuple(len({k.split(".")[7] for k in sd if k.startswith(f"stages.{s}.blocks.0.mixer.m.attn.qkvs.")})
+                  for s in range(3))
+    for name, v in VARIANTS.items():
+        if (v.widths, v.depths, v.heads) == (widths, depths, heads):
+            return name
+    return None
+
+
+def resize_bias_table(table: torch.Tensor, window: int) -> torch.Tensor:
+    """Bicubic resize of a (heads, r*r) relative-position table to (heads, window*window)."""
+    heads, n = table.shape
+    r = int(round(n ** 0.5))
+    if r * r != n:
+        raise ValueError(f"bias table of {n} entries is not square")
+    grid = table.detach().float().reshape(1, heads, r, r)
+    out = F.interpolate(grid, size=(window, window), mode="bicubic", align_corners=False)
+    return out.reshape(heads, window * window).to(table.dtype)
+
+
+def fit_state_dict(model: nn.Module, sd: Mapping[str, torch.Tensor], strict_head: bool = True,
+                   source: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """Adapt ``sd`` to ``model``: resize bias tables, adapt the first conv to other input channels and,
+    when ``strict_head`` is False, leave a head of another class count to the model's fresh init.
+    Raises ValueError naming the mismatched keys and shapes for anything else."""
+    from timm.models import adapt_input_conv
+
+    target = model.state_dict()
+    sd = dict(sd)
+    for k, v in list(sd.items()):
+        if k not in target or target[k].shape == v.shape:
+            continue
+        if k.endswith("attention_biases") and v.shape[0] == target[k].shape[0]:
+            sd[k] = resize_bias_table(v, int(round(target[k].shape[1] ** 0.5)))
+        elif k == "patch_embed.conv1.conv.weight" and v.shape[0] == target[k].shape[0]:
+            sd[k] = adapt_input_conv(target[k].shape[1], v)
+        elif not strict_head and k.startswith(("head.", "head_dist.")):
+            del sd[k]
+    if "head_dist.linear.weight" in sd and "head_dist.linear.weight" not in target:
+        sd = {k: v for k, v in sd.items() if not k.startswith("head_dist.")}  # a distilled checkpoint
+    if not strict_head:
+        for k in target:
+            if k.startswith(("head.", "head_dist.")):
+                sd.setdefault(k, target[k])
+    missing = [k for k in target if k not in sd and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in sd if k not in target]
+    wrong = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(target[k].shape)}"
+             for k in sd if k in target and sd[k].shape != target[k].shape]
+    if missing or unexpected or wrong:
+        found, want = detect_variant(sd), getattr(model, "variant", None)
+        hint = ""
+        if found and want and found != want:
+            hint = f"{source} holds {found} weights but the model is {want}: use create_model('{found}', ...). "
+        elif any(k.startswith("head.") for k in wrong):
+            hint = "The head differs in classes: pass num_classes to re-create it. "
+        lines = [f"{len(missing)} missing: {missing[:6]}", f"{len(unexpected)} unexpected: {unexpected[:6]}",
+                 f"{len(wrong)} shape mismatches: {wrong[:6]}"]
+        raise ValueError(f"{hint}{source} does not fit the model:\n  " + "\n  ".join(lines))
+    return sd
+
+
+def load_checkpoint(model: nn.Module, source: str | Path, sha256: str | None = None,
+                    strict_head: bool = True) -> dict:
+    """Load weights of any supported layout from a path or URL into ``model``; returns the metadata."""
+    sd, meta = read_checkpoint(source, sha256)
+    sd = fit_state_dict(model, sd, strict_head=strict_head, source=str(source))
+    model.load_state_dict(sd, strict=False)  # fit_state_dict has already checked every key
+    return meta
+
+
+# -- writing ---------------------------------------------------------------------------------------
+def save_checkpoint(model: nn.Module, path: str | Path, meta: dict | None = None) -> Path:
+    """Write the model's weights in timm layout: ``.safetensors`` (loadable by timm as is) or an effvit
+    ``.pth`` with metadata (architecture, classes, input size). Written atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    meta = {"arch": getattr(model, "variant", None), "num_classes": getattr(model, "num_classes", None),
+            "img_size": list(getattr(model, "img_size", ())), "in_chans": getattr(model, "in_chans", None),
+            **(meta or {})}
+    tmp = path.with_name(path.name + ".tmp")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(sd, str(tmp), metadata={k: str(v) for k, v in meta.items()})
+    else:
+        torch.save({"format": FORMAT_TAG, "state_dict": sd, "meta": meta}, tmp)
+    os.replace(tmp, path)
+    return path
