@@ -387,13 +387,13 @@ class EfficientVitMsra(nn.Module):
 
     # -- forward -----------------------------------------------------------------------------------
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.jit.is_scripting():
+        if not torch.jit.is_scripting() and not torch.jit.is_tracing():  # traced: checked once
             check_input(x, self.in_chans, self.patch_embed.conv1.conv.weight.dtype)
         return self.stages(self.patch_embed(x))
 
     def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The three stage maps (strides 16, 32, 64) for dense tasks."""
-        if not torch.jit.is_scripting():
+        if not torch.jit.is_scripting() and not torch.jit.is_tracing():  # traced: checked once
             check_input(x, self.in_chans, self.patch_embed.conv1.conv.weight.dtype)
         x = self.patch_embed(x)
         feats = []
@@ -433,7 +433,7 @@ class FeatureExtractor(nn.Module):
         self.feature_info = [model.feature_info[i] for i in out_indices]
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        if not torch.jit.is_scripting():
+        if not torch.jit.is_scripting() and not torch.jit.is_tracing():  # traced: checked once
             check_input(x, self.in_chans, self.patch_embed.conv1.conv.weight.dtype)
         x = self.patch_embed(x)
         feats = []

@@ -162,7 +162,7 @@ def detect_variant(sd: Mapping[str, torch.Tensor]) -> str | None:
     except KeyError:
         return None
     depths = tuple(len({k.split(".")[3] for k in sd if k.startswith(f"stages.{s}.blocks.")}) for s in range(3))
-    heads = tuple(len({k.split(".")[7] for k in sd if k.startswith(f"stages.{s}.blocks.0.mixer.m.attn.qkvs.")})
+    heads = tuple(len({k.split(".")[8] for k in sd if k.startswith(f"stages.{s}.blocks.0.mixer.m.attn.qkvs.")})
                   for s in range(3))
     for name, v in VARIANTS.items():
         if (v.widths, v.depths, v.heads) == (widths, depths, heads):
@@ -193,7 +193,9 @@ def fit_state_dict(model: nn.Module, sd: Mapping[str, torch.Tensor], strict_head
     for k, v in list(sd.items()):
         if k not in target or target[k].shape == v.shape:
             continue
-        if k.endswith("attention_biases") and v.shape[0] == target[k].shape[0]:
+        if v.dim() == 2 and target[k].shape == (*v.shape, 1, 1):
+            sd[k] = v[:, :, None, None]  # some official 1x1 conv weights are stored 2-D
+        elif k.endswith("attention_biases") and v.shape[0] == target[k].shape[0]:
             sd[k] = resize_bias_table(v, int(round(target[k].shape[1] ** 0.5)))
         elif k == "patch_embed.conv1.conv.weight" and v.shape[0] == target[k].shape[0]:
             sd[k] = adapt_input_conv(target[k].shape[1], v)
