@@ -162,7 +162,7 @@ def detect_variant(sd: Mapping[str, torch.Tensor]) -> str | None:
     except KeyError:
         return None
     depths = tuple(len({k.split(".")[3] for k in sd if k.startswith(f"stages.{s}.blocks.")}) for s in range(3))
-    heads = tuple(len({k.split(".")[7] for k in sd if k.startswith(f"stages.{s}.blocks.0.mixer.m.attn.qkvs.")})
+    heads = tuple(len({k.split(".")[8] for k in sd if k.startswith(f"stages.{s}.blocks.0.mixer.m.attn.qkvs.")})
                   for s in range(3))
     for name, v in VARIANTS.items():
         if (v.widths, v.depths, v.heads) == (widths, depths, heads):
