@@ -1,7 +1,7 @@
 """``effvit train``: the official recipe (configs/), fine-tuning, torchrun, exact resume.
 
     effvit train --config efficientvit_m0 --data /imagenet
-    effvit train --config fashion_mnist_m0 sched.epochs=5 data.batch_size=128
+    effvit train --config fashion_mnist_m0 --set sched.epochs=5 data.batch_size=128
     effvit train --config fashion_mnist_m0 --resume runs/NAME/last.pth
     effvit train --config efficientvit_m0 --data ./flowers --finetune m0.pth --img-size 160 --freeze-bn
     torchrun --nproc_per_node=8 -m effvit train --config efficientvit_m4 --data /imagenet
@@ -27,8 +27,9 @@ FLAGS = {"freeze_bn": "model.freeze_bn", "strict": "data.strict", "tensorboard":
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train or fine-tune a model (YAML config + overrides; torchrun for DDP)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("overrides", nargs="*", metavar="section.key=value",
-                   help="config overrides, e.g. optim.base_lr=2e-3 aug.mixup=0 sched.warmup_epochs=1")
+    p.add_argument("-s", "--set", dest="overrides", nargs="+", action="extend", default=[],
+                   metavar="section.key=value",
+                   help="config overrides, e.g. --set optim.base_lr=2e-3 aug.mixup=0 sched.warmup_epochs=1")
     p.add_argument("-c", "--config", help="YAML file or shipped config name (see --list-configs); "
                    "default: the official ImageNet recipe for --model")
     p.add_argument("--list-configs", action="store_true", help="print the shipped configs and exit")

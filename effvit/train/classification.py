@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checkpoint import check_same_arch
 from .config import Config
 from .data import (
     FASHION_MNIST_MEAN,
@@ -145,6 +146,7 @@ def build_model(cfg: Config, num_classes: int, log=print) -> nn.Module:
                          distillation=distill, pretrained=m.pretrained or False)
     if m.finetune:
         sd, meta = read_checkpoint(m.finetune)
+        check_same_arch(meta, model, m.finetune)
         sd = fit_state_dict(model, sd, strict_head=False, source=m.finetune)
         model.load_state_dict(sd, strict=False)
         src_classes = meta.get("num_classes")

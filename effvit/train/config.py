@@ -126,12 +126,12 @@ class RunConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: str = "none"  # none | bf16 | fp16
     threads: int | None = None  # torch CPU threads per process (None: torch's default)
-    eval_every: int = 1
+    eval_every: int = 1  # evaluate every N epochs and after the last; 0: never during training
     log_interval: int = 50
     tensorboard: bool = False
     progress: bool = True
     stop_after: int | None = None  # stop after this many epochs of this invocation (resume later)
-    sample_log: bool = False  # write the training sample indices of each rank (tests)
+    debug_ranks: bool = False  # each rank writes the sample indices it drew and its final weights (tests)
 
 
 @dataclass

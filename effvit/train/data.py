@@ -193,6 +193,27 @@ class FashionMNIST(Dataset):
 
 
 # -- transforms ------------------------------------------------------------------------------------
+def _posterize(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
+    """timm's posterize, with 0 bits meaning what it meant before Pillow 11 (an all-black image).
+
+    RandAugment's 'inc1' posterize asks for 0 bits at magnitude 10, which rand-m9-mstd0.5 reaches for
+    ~2% of its draws; recent Pillow raises on it and the loader worker dies mid-epoch."""
+    from PIL import ImageOps
+
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return img.point(lambda _: 0)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def _patch_posterize(transform) -> None:
+    for t in getattr(transform, "transforms", []):
+        for op in getattr(t, "ops", []):
+            if "Posterize" in getattr(op, "name", ""):
+                op.aug_fn = _posterize
+
+
 def build_transform(aug, img_size: int, in_chans: int, is_training: bool):
     """timm's pipeline: train = RandomResizedCrop, flip, RandAugment, erasing; eval = resize + centre crop."""
     from timm.data import create_transform
@@ -204,10 +225,12 @@ def build_transform(aug, img_size: int, in_chans: int, is_training: bool):
     if not is_training:
         return create_transform(img_size, is_training=False, interpolation=aug.interpolation, mean=mean,
                                 std=std, crop_pct=aug.crop_pct)
-    return create_transform(
+    tf = create_transform(
         img_size, is_training=True, scale=tuple(aug.scale), ratio=tuple(aug.ratio), hflip=aug.hflip,
         color_jitter=aug.color_jitter, auto_augment=aug.auto_augment, interpolation=aug.interpolation,
         mean=mean, std=std, re_prob=aug.re_prob, re_mode=aug.re_mode, re_count=aug.re_count)
+    _patch_posterize(tf)
+    return tf
 
 
 # -- batching --------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from .checkpoint import (
     capture_rng,
     check_same_arch,
     copy_atomic,
+    cpu_state,
     load_training_state,
     restore_rng,
     save_atomic,
@@ -302,11 +303,11 @@ def train(task: Task, cfg: Config, *, output_dir: str | Path | None = None, resu
     task.prepare(ctx.device)
     d = cfg.data
     sampler = build_train_sampler(task.train_dataset, ctx, r.seed, d.repeated_aug, d.train_fraction,
-                                  record=out / f"samples_rank{ctx.rank}.txt" if r.sample_log else None)
+                                  record=out / f"samples_rank{ctx.rank}.txt" if r.debug_ranks else None)
     loader_kw = dict(ctx=ctx, num_workers=d.num_workers, pin_memory=d.pin_memory, collate_fn=task.collate_fn)
     train_loader = build_loader(task.train_dataset, d.batch_size, sampler=sampler, train=True, **loader_kw)
     val_loader = None
-    if task.val_dataset is not None:
+    if task.val_dataset is not None and r.eval_every > 0:
         val_loader = build_loader(task.val_dataset, d.val_batch_size or 2 * d.batch_size, **loader_kw)
     if len(train_loader) == 0:
         raise ValueError("the training data gives no batch: it is empty or smaller than one per rank")
@@ -378,6 +379,12 @@ def train(task: Task, cfg: Config, *, output_dir: str | Path | None = None, resu
             raise NonFiniteLossError(msg) from None
         if scheduler is not None:
             scheduler.step(epoch + 1)
+        if ctx.distributed:  # BN running statistics are per rank: average them (weights already agree)
+            from timm.utils import distribute_bn
+
+            distribute_bn(model, ctx.world_size, reduce=True)
+            if ema is not None:
+                distribute_bn(ema.module, ctx.world_size, reduce=True)
         row = {"epoch": epoch + 1, **row}
         last_epoch = epoch + 1 == num_epochs
         if val_loader is not None and ((epoch + 1) % r.eval_every == 0 or last_epoch or epoch + 1 == stop_at):
@@ -406,6 +413,8 @@ def train(task: Task, cfg: Config, *, output_dir: str | Path | None = None, resu
                 copy_atomic(last_path, best_path)
         du.barrier()
     epochs_bar.close()
+    if r.debug_ranks:  # lets tests check that DDP kept the ranks identical
+        save_atomic(cpu_state(model), out / f"weights_rank{ctx.rank}.pth")
     if ctx.is_main and history:
         plot_curves(history, out / "curves.png", metric=task.best_metric)
         if best and best.get("value") is not None:
