@@ -17,7 +17,8 @@ from effvit.cli import main
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--config", "fashion_mnist_m0", "--dataset", "folder", "--img-size", "32", "--in-chans", "3",
         "--batch-size", "4", "--workers", "0", "--no-progress", "--set", "aug.mean=[0.5,0.5,0.5]",
-        "aug.std=[0.25,0.25,0.25]", "aug.auto_augment=null", "aug.re_prob=0", "sched.warmup_epochs=0", "run.threads=1"]
+        "aug.std=[0.25,0.25,0.25]", "aug.auto_augment=null", "aug.re_prob=0", "sched.warmup_epochs=0",
+        "run.threads=1"]
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +26,8 @@ def trained(tmp_path_factory):
     """A one-epoch run of `effvit train` on a tiny folder: (data root, run folder)."""
     tmp = tmp_path_factory.mktemp("cli")
     data = make_image_folder(tmp / "data", n_train=4, n_val=3)
-    assert main(["train", *TINY, "--data", str(data), "--epochs", "1", "--output", str(tmp), "--name", "run"]) == 0
+    args = ["train", *TINY, "--data", str(data), "--epochs", "1", "--output", str(tmp), "--name", "run"]
+    assert main(args) == 0
     return data, tmp / "run"
 
 
@@ -34,7 +36,8 @@ def test_train_writes_checkpoints_logs_and_curves(trained):
     for f in ("last.pth", "best.pth", "log.csv", "curves.png", "config.yaml", "log.txt"):
         assert (run / f).is_file(), f
     header = (run / "log.csv").read_text().splitlines()[0].split(",")
-    assert {"epoch", "train_loss", "lr", "train_img_s", "val_top1", "val_top5", "val_loss", "ema_top1"} <= set(header)
+    expected = {"epoch", "train_loss", "lr", "train_img_s", "val_top1", "val_top5", "val_loss", "ema_top1"}
+    assert expected <= set(header)
     state = torch.load(run / "last.pth", weights_only=True)
     assert state["meta"]["class_names"] == ["circle", "square"] and state["config"]["model"]["img_size"] == 32
     for key in ("optimizer", "scheduler", "ema", "rng", "epoch", "history"):
@@ -43,8 +46,8 @@ def test_train_writes_checkpoints_logs_and_curves(trained):
 
 def test_eval_reports_per_class_accuracy_and_confusion_png(trained, tmp_path, capsys):
     data, run = trained
-    assert main(["eval", "--checkpoint", str(run / "best.pth"), "--data", str(data), "--output", str(tmp_path),
-                 "--no-progress", "--workers", "0"]) == 0
+    assert main(["eval", "--checkpoint", str(run / "best.pth"), "--data", str(data), "--output",
+                 str(tmp_path), "--no-progress", "--workers", "0"]) == 0
     out = capsys.readouterr().out
     assert "top-1" in out and "circle" in out and "square" in out
     report = json.loads((tmp_path / "metrics.json").read_text())
@@ -98,7 +101,8 @@ def test_imagenet_checkpoint_gets_the_paper_eval_transform(tmp_path):
     path = save_checkpoint(create_model("efficientvit_m0"), tmp_path / "m0.pth")
     model, info = load_classifier(path)
     tf = eval_transform(info).transforms
-    resize, crop = next(t for t in tf if isinstance(t, Resize)), next(t for t in tf if isinstance(t, CenterCrop))
+    resize = next(t for t in tf if isinstance(t, Resize))
+    crop = next(t for t in tf if isinstance(t, CenterCrop))
     assert resize.size == 256 and resize.interpolation.value == "bicubic" and crop.size == (224, 224)
     assert len(info.class_names) == 1000 and info.mode == "RGB"
 
@@ -108,9 +112,9 @@ def test_torchrun_two_cpu_processes(tmp_path):
     """DDP over gloo: the ranks draw disjoint samples and end with identical weights (and BN statistics)."""
     data = make_image_folder(tmp_path / "data", n_train=8, n_val=2)  # 16 training images
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "effvit",
-           "train", *TINY, "--data", str(data), "--epochs", "2", "--output", str(tmp_path), "--name", "ddp",
-           "--set", "run.debug_ranks=true", "data.repeated_aug=1"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "effvit", "train", *TINY, "--data", str(data), "--epochs", "2", "--output", str(tmp_path),
+           "--name", "ddp", "--set", "run.debug_ranks=true", "data.repeated_aug=1"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     run = tmp_path / "ddp"

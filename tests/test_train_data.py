@@ -105,7 +105,8 @@ def test_shipped_configs_and_overrides():
     cfg = load_config("efficientvit_m4")
     assert (cfg.model.name, cfg.sched.epochs, cfg.optim.weight_decay, cfg.optim.clip_grad) == (
         "efficientvit_m4", 300, 0.025, 0.02)
-    assert cfg.aug.auto_augment == "rand-m9-mstd0.5-inc1" and cfg.data.repeated_aug == 3 and cfg.ema.decay == 0.99996
+    assert cfg.aug.auto_augment == "rand-m9-mstd0.5-inc1" and cfg.data.repeated_aug == 3
+    assert cfg.ema.decay == 0.99996
     assert load_config("efficientvit_m0").to_dict() == Config().to_dict() | {"run": load_config(
         "efficientvit_m0").to_dict()["run"]}  # the dataclass defaults are the official recipe
     cfg = load_config("efficientvit_m0", ["optim.base_lr=2e-3", "aug.scale=[0.5, 1]", "distill.teacher=null"])

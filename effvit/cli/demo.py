@@ -14,7 +14,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="Fashion-MNIST end to end: train M0, evaluate, predict, export",
                        description=__doc__)
     p.add_argument("--output", default="runs/demo", help="folder for the run (default runs/demo)")
-    p.add_argument("--epochs", type=int, default=2, help="training epochs (default 2: about 5 min on 2 cores)")
+    p.add_argument("--epochs", type=int, default=2, help="training epochs (default 2)")
     p.add_argument("--data", metavar="DIR", help="folder with the Fashion-MNIST IDX files "
                    "(default /usr/share/datasets/fashion-mnist)")
     p.add_argument("--samples", type=int, default=6, help="test images to predict")
@@ -121,7 +121,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"model      EfficientViT-M0, {args.epochs} epochs from scratch, 64x64 grey input")
     print(f"test top-1 {metrics['top1']:.2f}%   top-5 {metrics['top5']:.2f}%   loss {metrics['loss']:.4f} "
           f"({metrics['samples']} images)")
-    print(f"files      {ckpt}, {out / 'log.csv'}, {out / 'curves.png'}, {out / 'eval-test' / 'confusion.png'}")
+    print(f"files      {ckpt}, {out / 'log.csv'}, {out / 'curves.png'}, "
+          f"{out / 'eval-test' / 'confusion.png'}")
     print(f"predicted  {len(samples) - 1} images from {out / 'samples'} (+1 corrupt file, skipped)")
     print(f"export     {exported}")
     print("time       " + ", ".join(f"{k} {v:.0f}s" for k, v in times.items()) + f"; total {total:.0f}s")

@@ -1,7 +1,7 @@
 """``effvit eval``: top-1, top-5, loss, per-class accuracy and a confusion-matrix PNG.
 
-    effvit eval --checkpoint runs/NAME/best.pth --data /path/to/imagenet        # ROOT/val/<class>/*
-    effvit eval --checkpoint runs/NAME/best.pth                                 # Fashion-MNIST: its 10k test set
+    effvit eval --checkpoint runs/NAME/best.pth --data /path/to/imagenet     # ROOT/val/<class>/*
+    effvit eval --checkpoint runs/NAME/best.pth              # Fashion-MNIST: its 10k test set
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="evaluate a checkpoint: top-1/top-5/loss, per-class accuracy, confusion PNG",
+    p = sub.add_parser("eval", help="evaluate a checkpoint: top-1/5, loss, per-class accuracy, confusion PNG",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-c", "--checkpoint", required=True, help="training checkpoint or weights file")
     p.add_argument("--data", metavar="DIR", help="data root (ImageNet layout) or Fashion-MNIST IDX folder")
@@ -40,7 +40,8 @@ def build_eval_dataset(info, dataset: str, root: str | None, split: str | None, 
     if dataset == "fashion_mnist":
         if split not in (None, "test", "val", "train"):
             raise ValueError(f"Fashion-MNIST has the splits train and test, not {split!r}")
-        return FashionMNIST(root, train=split == "train", transform=transform, mode=info.mode), split or "test"
+        ds = FashionMNIST(root, train=split == "train", transform=transform, mode=info.mode)
+        return ds, split or "test"
     if not root:
         raise ValueError("pass --data DIR: the folder holding DIR/val/<class>/*.jpg (or --split NAME)")
     split = split or "val"
@@ -94,7 +95,8 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=2))
         return 0
     m = res.metrics
-    print(f"{info.arch} ({'EMA' if args.ema else 'model'} weights) on {dataset} {split}, {report['samples']} images"
+    print(f"{info.arch} ({'EMA' if args.ema else 'model'} weights) on {dataset} {split}, "
+          f"{report['samples']} images"
           f"{f', {len(res.skipped)} unreadable skipped' if res.skipped else ''}")
     print(f"top-1 {m['top1']:.2f}%  top-5 {m['top5']:.2f}%  loss {m['loss']:.4f}")
     if len(per_class) <= 50:

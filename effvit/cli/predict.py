@@ -80,7 +80,8 @@ def format_results(results: list[dict], fmt: str, errors: list[str]) -> str:
     lines.append(f"{'file':<{width}}  {'rank':>4}  {'prob':>7}  label")
     for r in results:
         for rank, p in enumerate(r["predictions"], 1):
-            lines.append(f"{r['file'] if rank == 1 else '':<{width}}  {rank:>4}  {100 * p['prob']:>6.2f}%  {p['label']}")
+            name = r["file"] if rank == 1 else ""
+            lines.append(f"{name:<{width}}  {rank:>4}  {100 * p['prob']:>6.2f}%  {p['label']}")
     return "\n".join(lines) + "\n"
 
 

@@ -1,7 +1,7 @@
 """``effvit train``: the official recipe (configs/), fine-tuning, torchrun, exact resume.
 
     effvit train --config efficientvit_m0 --data /imagenet
-    effvit train --config fashion_mnist_m0 --set sched.epochs=5 data.batch_size=128
+    effvit train --config fashion_mnist_m0 sched.epochs=5 data.batch_size=128
     effvit train --config fashion_mnist_m0 --resume runs/NAME/last.pth
     effvit train --config efficientvit_m0 --data ./flowers --finetune m0.pth --img-size 160 --freeze-bn
     torchrun --nproc_per_node=8 -m effvit train --config efficientvit_m4 --data /imagenet
@@ -27,9 +27,10 @@ FLAGS = {"freeze_bn": "model.freeze_bn", "strict": "data.strict", "tensorboard":
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train or fine-tune a model (YAML config + overrides; torchrun for DDP)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-s", "--set", dest="overrides", nargs="+", action="extend", default=[],
-                   metavar="section.key=value",
-                   help="config overrides, e.g. --set optim.base_lr=2e-3 aug.mixup=0 sched.warmup_epochs=1")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value",
+                   help="config overrides after the options, e.g. optim.base_lr=2e-3 aug.mixup=0")
+    p.add_argument("-s", "--set", dest="set_overrides", nargs="+", action="extend", default=[],
+                   metavar="section.key=value", help="config overrides anywhere on the line (same syntax)")
     p.add_argument("-c", "--config", help="YAML file or shipped config name (see --list-configs); "
                    "default: the official ImageNet recipe for --model")
     p.add_argument("--list-configs", action="store_true", help="print the shipped configs and exit")
@@ -77,7 +78,7 @@ def resolve_config(args: argparse.Namespace):
     for attr, key in FLAGS.items():
         if getattr(args, attr, False):
             overrides.append(f"{key}={'false' if attr == 'no_progress' else 'true'}")
-    overrides += list(args.overrides)
+    overrides += list(args.set_overrides) + list(args.overrides)
     base = None
     if args.resume and not args.config:
         base = load_training_state(args.resume).get("config")

@@ -54,13 +54,15 @@ def load_classifier(path: str | Path, use_ema: bool = False, img_size: int | Non
     model.eval()
     names = meta.get("class_names")
     if not names:
-        names = list(imagenet_categories()) if num_classes == 1000 else [f"class_{i}" for i in range(num_classes)]
+        names = (list(imagenet_categories()) if num_classes == 1000
+                 else [f"class_{i}" for i in range(num_classes)])
     aug = AugConfig()
     for key in ("mean", "std", "interpolation", "crop_pct"):
         if meta.get(key) is not None:
             setattr(aug, key, tuple(meta[key]) if isinstance(meta[key], list) else meta[key])
     info = ClassifierInfo(arch=arch, num_classes=num_classes, img_size=size, in_chans=in_chans,
-                          class_names=list(names), dataset=meta.get("dataset", "imagenet"), aug=aug, meta=meta)
+                          class_names=list(names), dataset=meta.get("dataset", "imagenet"), aug=aug,
+                          meta=meta)
     return model, info
 
 
