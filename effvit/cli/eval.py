@@ -1,0 +1,113 @@
+"""``effvit eval``: top-1, top-5, loss, per-class accuracy and a confusion-matrix PNG.
+
+    effvit eval --checkpoint runs/NAME/best.pth --data /path/to/imagenet     # ROOT/val/<class>/*
+    effvit eval --checkpoint runs/NAME/best.pth              # Fashion-MNIST: its 10k test set
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="evaluate a checkpoint: top-1/5, loss, per-class accuracy, confusion PNG",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-c", "--checkpoint", required=True, help="training checkpoint or weights file")
+    p.add_argument("--data", metavar="DIR", help="data root (ImageNet layout) or Fashion-MNIST IDX folder")
+    p.add_argument("--dataset", choices=["folder", "fashion_mnist"],
+                   help="default: what the checkpoint was trained on (folder for outside weights)")
+    p.add_argument("--split", default=None, help="subfolder to evaluate (default val; Fashion-MNIST: test)")
+    p.add_argument("--ema", action="store_true", help="evaluate the EMA weights of a training checkpoint")
+    p.add_argument("--img-size", type=int, help="evaluate at another resolution (bias tables resized)")
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--amp", choices=["none", "bf16", "fp16"], default="none")
+    p.add_argument("--strict", action="store_true", help="stop at the first undecodable image")
+    p.add_argument("--output", metavar="DIR", help="where metrics.json and confusion.png go "
+                   "(default: eval-<split>/ next to the checkpoint)")
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run)
+
+
+def build_eval_dataset(info, dataset: str, root: str | None, split: str | None, transform):
+    from effvit.train.data import FashionMNIST, ImageFolder, check_same_classes, find_classes
+
+    if dataset == "fashion_mnist":
+        if split not in (None, "test", "val", "train"):
+            raise ValueError(f"Fashion-MNIST has the splits train and test, not {split!r}")
+        ds = FashionMNIST(root, train=split == "train", transform=transform, mode=info.mode)
+        return ds, split or "test"
+    if not root:
+        raise ValueError("pass --data DIR: the folder holding DIR/val/<class>/*.jpg (or --split NAME)")
+    split = split or "val"
+    split_dir = Path(root) / split
+    if not Path(root).is_dir():
+        raise FileNotFoundError(f"data folder {root} does not exist")
+    classes = find_classes(split_dir)
+    names = info.class_names
+    if info.meta.get("class_names"):
+        check_same_classes(names, classes, Path(f"{info.arch} checkpoint classes"), split_dir)
+    elif len(classes) != info.num_classes:
+        raise ValueError(f"{split_dir} has {len(classes)} class folders but the model has {info.num_classes} "
+                         "outputs")
+    else:
+        names = classes
+    return ImageFolder(split_dir, names, transform=transform, mode=info.mode), split
+
+
+def run(args: argparse.Namespace) -> int:
+    from effvit.train import ClassificationTask, build_loader, evaluate, init_distributed
+    from effvit.train.distributed import cleanup
+    from effvit.train.inference import eval_transform, load_classifier
+    from effvit.train.metrics import per_class_accuracy, plot_confusion
+
+    ctx = init_distributed(args.device)
+    try:
+        model, info = load_classifier(args.checkpoint, use_ema=args.ema, img_size=args.img_size)
+        dataset = args.dataset or ("fashion_mnist" if info.dataset == "fashion_mnist" else "folder")
+        ds, split = build_eval_dataset(info, dataset, args.data, args.split, eval_transform(info))
+        loader = build_loader(ds, args.batch_size, ctx=ctx, num_workers=args.workers, pin_memory=True)
+        task = ClassificationTask(model, None, ds, num_classes=info.num_classes, class_names=info.class_names)
+        model.to(ctx.device)
+        res = evaluate(model, loader, task, ctx=ctx, amp=args.amp, strict=args.strict,
+                       progress=not args.no_progress, desc=f"eval {split}")
+    finally:
+        cleanup()
+    if not ctx.is_main:
+        return 0
+    out = Path(args.output) if args.output else Path(args.checkpoint).parent / f"eval-{split}"
+    out.mkdir(parents=True, exist_ok=True)
+    confusion = res.stats["confusion"]
+    per_class = per_class_accuracy(confusion)
+    report = {"checkpoint": str(args.checkpoint), "weights": "ema" if args.ema else "model", "split": split,
+              "samples": int(res.stats["count"]), "skipped": res.skipped, **res.metrics,
+              "per_class": {n: (None if math.isnan(a) else a) for n, a in zip(info.class_names, per_class,
+                                                                               strict=True)}}
+    (out / "metrics.json").write_text(json.dumps(report, indent=2))
+    title = f"{info.arch} on {dataset} {split}: top-1 {res.metrics['top1']:.2f}%"
+    png = plot_confusion(confusion, info.class_names, out / "confusion.png", title=title)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    m = res.metrics
+    print(f"{info.arch} ({'EMA' if args.ema else 'model'} weights) on {dataset} {split}, "
+          f"{report['samples']} images"
+          f"{f', {len(res.skipped)} unreadable skipped' if res.skipped else ''}")
+    print(f"top-1 {m['top1']:.2f}%  top-5 {m['top5']:.2f}%  loss {m['loss']:.4f}")
+    if len(per_class) <= 50:
+        width = max(len(n) for n in info.class_names)
+        counts = confusion.sum(dim=1)
+        print(f"\n{'class':<{width}}  {'images':>6}  {'top-1':>6}")
+        for name, acc, n in zip(info.class_names, per_class, counts.tolist(), strict=True):
+            print(f"{name:<{width}}  {n:>6}  {acc:>5.1f}%")
+    else:
+        order = sorted(range(len(per_class)), key=lambda i: -1 if math.isnan(per_class[i]) else per_class[i])
+        worst = ", ".join(f"{info.class_names[i]} {per_class[i]:.0f}%" for i in order[:10])
+        print(f"worst classes: {worst} (all in metrics.json)")
+    print(f"\nwrote {out / 'metrics.json'} and {png}")
+    return 0

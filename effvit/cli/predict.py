@@ -1,0 +1,113 @@
+"""``effvit predict``: top-k labels with probabilities for images or folders of images.
+
+    effvit predict photo.jpg photos/ --checkpoint runs/NAME/best.pth --topk 3
+    effvit predict photos/ -c best.pth --format json > predictions.json
+
+Class names come from the checkpoint. Files that cannot be decoded are reported by name on stderr and
+skipped; the others are still predicted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import sys
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("predict", help="top-k labels and probabilities for images (table, JSON or CSV)",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("paths", nargs="+", metavar="IMAGE|FOLDER", help="image files and/or folders (recursive)")
+    p.add_argument("-c", "--checkpoint", required=True, help="training checkpoint or weights file")
+    p.add_argument("-k", "--topk", type=int, default=5)
+    p.add_argument("--format", choices=["table", "json", "csv"], default="table")
+    p.add_argument("-o", "--output", help="write the predictions to this file instead of stdout")
+    p.add_argument("--ema", action="store_true", help="use the EMA weights of a training checkpoint")
+    p.add_argument("--img-size", type=int, help="run at another resolution (bias tables resized)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=run)
+
+
+def predict(model, info, files, *, topk: int = 5, batch_size: int = 32, workers: int = 0, device=None,
+            on_error=None) -> list[dict]:
+    """[{'file', 'predictions': [{'label', 'index', 'prob'}, ...]}] for readable files, in input order;
+    ``on_error(name)`` is called for each file that could not be decoded."""
+    import torch
+
+    from effvit.train.data import ImageList, build_loader
+    from effvit.train.inference import eval_transform
+
+    device = device or torch.device("cpu")
+    ds = ImageList(files, eval_transform(info), mode=info.mode)
+    loader = build_loader(ds, batch_size, num_workers=workers)
+    k = min(topk, info.num_classes)
+    results = []
+    model.to(device).eval()
+    with torch.no_grad():
+        for batch in loader:
+            inputs, idx = batch[0], batch[1]
+            for name in (batch[2] if len(batch) == 3 else []):
+                if on_error:
+                    on_error(name)
+            if idx.numel() == 0:
+                continue
+            probs = model(inputs.to(device)).float().softmax(dim=1).cpu()
+            top = probs.topk(k, dim=1)
+            for i, p, c in zip(idx.tolist(), top.values.tolist(), top.indices.tolist(), strict=True):
+                results.append({"file": ds.files[i], "predictions": [
+                    {"label": info.class_names[ci], "index": ci, "prob": round(pi, 6)}
+                    for pi, ci in zip(p, c, strict=True)]})
+    return results
+
+
+def format_results(results: list[dict], fmt: str, errors: list[str]) -> str:
+    if fmt == "json":
+        return json.dumps({"predictions": results, "unreadable": errors}, indent=2) + "\n"
+    if fmt == "csv":
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(["file", "rank", "label", "index", "prob"])
+        for r in results:
+            for rank, p in enumerate(r["predictions"], 1):
+                w.writerow([r["file"], rank, p["label"], p["index"], f"{p['prob']:.6f}"])
+        return buf.getvalue()
+    lines = []
+    width = max([len(r["file"]) for r in results] + [4])
+    lines.append(f"{'file':<{width}}  {'rank':>4}  {'prob':>7}  label")
+    for r in results:
+        for rank, p in enumerate(r["predictions"], 1):
+            name = r["file"] if rank == 1 else ""
+            lines.append(f"{name:<{width}}  {rank:>4}  {100 * p['prob']:>6.2f}%  {p['label']}")
+    return "\n".join(lines) + "\n"
+
+
+def run(args: argparse.Namespace) -> int:
+    from effvit.train.data import list_images
+    from effvit.train.distributed import resolve_device
+    from effvit.train.inference import load_classifier
+
+    if args.topk < 1:
+        raise ValueError(f"--topk must be >= 1, got {args.topk}")
+    files = [f for p in args.paths for f in list_images(p)]
+    model, info = load_classifier(args.checkpoint, use_ema=args.ema, img_size=args.img_size)
+    errors: list[str] = []
+
+    def on_error(name: str) -> None:
+        errors.append(name)
+        print(f"effvit predict: skipped unreadable image {name}", file=sys.stderr)
+
+    results = predict(model, info, files, topk=args.topk, batch_size=args.batch_size, workers=args.workers,
+                      device=resolve_device(args.device), on_error=on_error)
+    text = format_results(results, args.format, errors)
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write(text)
+    else:
+        sys.stdout.write(text)
+    if errors:
+        print(f"effvit predict: {len(results)} predicted, {len(errors)} unreadable skipped", file=sys.stderr)
+    return 0 if results else 1

@@ -1,0 +1,132 @@
+"""The commands: effvit train / eval / predict, and the same training under torchrun (2 CPU processes)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from _train_helpers import make_image_folder
+
+from effvit.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--config", "fashion_mnist_m0", "--dataset", "folder", "--img-size", "32", "--in-chans", "3",
+        "--batch-size", "4", "--workers", "0", "--no-progress", "--set", "aug.mean=[0.5,0.5,0.5]",
+        "aug.std=[0.25,0.25,0.25]", "aug.auto_augment=null", "aug.re_prob=0", "sched.warmup_epochs=0",
+        "run.threads=1"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A one-epoch run of `effvit train` on a tiny folder: (data root, run folder)."""
+    tmp = tmp_path_factory.mktemp("cli")
+    data = make_image_folder(tmp / "data", n_train=4, n_val=3)
+    args = ["train", *TINY, "--data", str(data), "--epochs", "1", "--output", str(tmp), "--name", "run"]
+    assert main(args) == 0
+    return data, tmp / "run"
+
+
+def test_train_writes_checkpoints_logs_and_curves(trained):
+    _, run = trained
+    for f in ("last.pth", "best.pth", "log.csv", "curves.png", "config.yaml", "log.txt"):
+        assert (run / f).is_file(), f
+    header = (run / "log.csv").read_text().splitlines()[0].split(",")
+    expected = {"epoch", "train_loss", "lr", "train_img_s", "val_top1", "val_top5", "val_loss", "ema_top1"}
+    assert expected <= set(header)
+    state = torch.load(run / "last.pth", weights_only=True)
+    assert state["meta"]["class_names"] == ["circle", "square"] and state["config"]["model"]["img_size"] == 32
+    for key in ("optimizer", "scheduler", "ema", "rng", "epoch", "history"):
+        assert key in state
+
+
+def test_eval_reports_per_class_accuracy_and_confusion_png(trained, tmp_path, capsys):
+    data, run = trained
+    assert main(["eval", "--checkpoint", str(run / "best.pth"), "--data", str(data), "--output",
+                 str(tmp_path), "--no-progress", "--workers", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "top-1" in out and "circle" in out and "square" in out
+    report = json.loads((tmp_path / "metrics.json").read_text())
+    assert report["samples"] == 6 and set(report["per_class"]) == {"circle", "square"}
+    assert {"top1", "top5", "loss"} <= set(report)
+    assert (tmp_path / "confusion.png").stat().st_size > 1000
+    assert main(["eval", "--checkpoint", str(run / "best.pth"), "--ema", "--data", str(data), "--output",
+                 str(tmp_path / "ema"), "--no-progress", "--json", "--workers", "0"]) == 0
+    assert json.loads(capsys.readouterr().out)["weights"] == "ema"
+
+
+def test_eval_refuses_other_class_folders(trained, tmp_path, capsys):
+    _, run = trained
+    other = make_image_folder(tmp_path / "other", classes=("cat", "dog"), n_train=1, n_val=1)
+    assert main(["eval", "--checkpoint", str(run / "best.pth"), "--data", str(other), "--no-progress"]) == 2
+    assert "differ" in capsys.readouterr().err
+
+
+def test_predict_table_json_csv_and_skips_corrupt_images(trained, tmp_path, capsys):
+    data, run = trained
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for i, f in enumerate(sorted((data / "val").rglob("*.png"))[:3]):
+        (imgs / f"{i}.png").write_bytes(f.read_bytes())
+    (imgs / "1b_corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\ngarbage")
+    ckpt = str(run / "best.pth")
+    assert main(["predict", str(imgs), "-c", ckpt, "--format", "json", "-k", "2", "--batch-size", "2"]) == 0
+    cap = capsys.readouterr()
+    res = json.loads(cap.out)
+    assert [Path(r["file"]).name for r in res["predictions"]] == ["0.png", "1.png", "2.png"]
+    assert all(len(r["predictions"]) == 2 and abs(sum(p["prob"] for p in r["predictions"]) - 1) < 1e-4
+               and {p["label"] for p in r["predictions"]} == {"circle", "square"} for r in res["predictions"])
+    assert len(res["unreadable"]) == 1 and "1b_corrupt.png" in res["unreadable"][0]
+    assert "skipped unreadable image" in cap.err and "1b_corrupt.png" in cap.err
+    assert main(["predict", str(imgs / "0.png"), "-c", ckpt, "--format", "csv", "-k", "1"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == "file,rank,label,index,prob" and len(lines) == 2
+    assert main(["predict", str(imgs / "0.png"), "-c", ckpt]) == 0
+    assert "circle" in capsys.readouterr().out
+    assert main(["predict", str(imgs / "1b_corrupt.png"), "-c", ckpt]) == 1
+    assert main(["predict", str(tmp_path / "missing.png"), "-c", ckpt]) == 2
+
+
+def test_imagenet_checkpoint_gets_the_paper_eval_transform(tmp_path):
+    from torchvision.transforms import CenterCrop, Resize
+
+    from effvit.models import create_model
+    from effvit.models.weights import save_checkpoint
+    from effvit.train.inference import eval_transform, load_classifier
+
+    path = save_checkpoint(create_model("efficientvit_m0"), tmp_path / "m0.pth")
+    model, info = load_classifier(path)
+    tf = eval_transform(info).transforms
+    resize = next(t for t in tf if isinstance(t, Resize))
+    crop = next(t for t in tf if isinstance(t, CenterCrop))
+    assert resize.size == 256 and resize.interpolation.value == "bicubic" and crop.size == (224, 224)
+    assert len(info.class_names) == 1000 and info.mode == "RGB"
+
+
+@pytest.mark.slow
+def test_torchrun_two_cpu_processes(tmp_path):
+    """DDP over gloo: the ranks draw disjoint samples and end with identical weights (and BN statistics)."""
+    data = make_image_folder(tmp_path / "data", n_train=8, n_val=2)  # 16 training images
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "effvit", "train", *TINY, "--data", str(data), "--epochs", "2", "--output", str(tmp_path),
+           "--name", "ddp", "--set", "run.debug_ranks=true", "data.repeated_aug=1"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run = tmp_path / "ddp"
+    assert "on 2 x cpu" in (run / "log.txt").read_text()
+    seen = [dict(line.split(" ", 1) for line in (run / f"samples_rank{r}.txt").read_text().splitlines())
+            for r in range(2)]
+    for epoch in ("0", "1"):
+        a, b = (set(map(int, s[epoch].split())) for s in seen)
+        assert not a & b and a | b == set(range(16)), (epoch, a, b)
+    w0, w1 = (torch.load(run / f"weights_rank{r}.pth", weights_only=True) for r in range(2))
+    for k in w0:
+        assert torch.equal(w0[k], w1[k]), k
+    last = torch.load(run / "last.pth", weights_only=True)
+    assert len(last["rng"]) == 2 and last["epoch"] == 2
+    assert all(torch.equal(last["state_dict"][k], w0[k]) for k in w0)

@@ -1,0 +1,135 @@
+"""Data: folder checks with clear errors, unreadable images (skip and count, or stop), Fashion-MNIST,
+samplers, configs."""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+from _train_helpers import make_image_folder, tiny_config
+
+from effvit.train import build_classification_task, build_loader, evaluate, load_config, packaged_configs
+from effvit.train.config import Config
+from effvit.train.data import FASHION_MNIST_DIR, FashionMNIST, build_train_sampler, read_idx
+from effvit.train.distributed import DistContext
+
+
+def _task(cfg):
+    return build_classification_task(cfg, log=lambda *_: None)
+
+
+def test_missing_and_empty_folders_say_what_to_do(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist.*ImageNet layout"):
+        _task(tiny_config(tmp_path / "nowhere", tmp_path))
+    (tmp_path / "empty" / "train").mkdir(parents=True)
+    (tmp_path / "empty" / "val").mkdir(parents=True)
+    with pytest.raises(ValueError, match="is empty: it needs one subfolder of images per class"):
+        _task(tiny_config(tmp_path / "empty", tmp_path))
+    (tmp_path / "empty" / "train" / "cat").mkdir()
+    (tmp_path / "empty" / "val" / "cat").mkdir()
+    with pytest.raises(ValueError, match="class folder .*cat holds no images"):
+        _task(tiny_config(tmp_path / "empty", tmp_path))
+    with pytest.raises(ValueError, match="no data folder given"):
+        _task(tiny_config(tmp_path, tmp_path, "data.root=null"))
+
+
+def test_class_folders_must_match_between_train_and_val(tmp_path):
+    root = make_image_folder(tmp_path / "d", n_train=2, n_val=1)
+    (root / "val" / "square").rename(root / "val" / "squares")
+    with pytest.raises(ValueError, match=r"differ: only in train: \['square'\]; only in val: \['squares'\]"):
+        _task(tiny_config(root, tmp_path))
+
+
+def test_unreadable_images_are_skipped_and_counted_or_stop_under_strict(tmp_path, capsys):
+    from effvit.train import train
+
+    root = make_image_folder(tmp_path / "d", n_train=4, n_val=2)
+    (root / "train" / "circle" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    (root / "val" / "square" / "truncated.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"\x00" * 20)
+    cfg = tiny_config(root, tmp_path / "out", "sched.epochs=1", "ema.enabled=false", "data.batch_size=3")
+    result = train(_task(cfg), cfg)
+    assert result.history[0]["skipped"] == 1
+    out = capsys.readouterr().out
+    assert "skipped unreadable image" in out and "broken.png" in out
+    task = _task(cfg)
+    res = evaluate(task.model, build_loader(task.val_dataset, 8), task, progress=False)
+    assert len(res.skipped) == 1 and "truncated.jpg" in res.skipped[0] and int(res.stats["count"]) == 4
+    strict = tiny_config(root, tmp_path / "strict", "sched.epochs=1", "data.strict=true", "data.batch_size=3")
+    with pytest.raises(ValueError, match=r"cannot decode image .*broken\.png.*drop --strict"):
+        train(_task(strict), strict)
+
+
+def test_idx_reader_and_fashion_mnist(tmp_path):
+    imgs = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    path = tmp_path / "x-idx3-ubyte.gz"
+    with gzip.open(path, "wb") as f:
+        f.write(struct.pack(">HBB3I", 0, 8, 3, 2, 3, 4) + imgs.tobytes())
+    assert np.array_equal(read_idx(path), imgs)
+    (tmp_path / "bad").write_bytes(b"\x00\x00\x0d\x01" + b"\x00" * 8)
+    with pytest.raises(ValueError, match="not an unsigned-byte IDX"):
+        read_idx(tmp_path / "bad")
+    with pytest.raises(FileNotFoundError, match="dataset-fashion-mnist"):
+        FashionMNIST(tmp_path)
+    if not Path(FASHION_MNIST_DIR, "t10k-labels-idx1-ubyte.gz").exists():
+        pytest.skip("Fashion-MNIST is not installed (make data)")
+    test = FashionMNIST(train=False)
+    assert len(test) == 10000 and np.bincount(test.targets).tolist() == [1000] * 10
+    img, label = test[0]
+    assert img.size == (28, 28) and img.mode == "L" and label == 9  # the first test image is an ankle boot
+
+
+def test_train_sampler_shards_ranks_and_repeats_augmentation():
+    data = list(range(20))
+    parts = [list(build_train_sampler(data, DistContext(rank=r, world_size=2), seed=0)) for r in range(2)]
+    assert sorted(parts[0] + parts[1]) == data and not set(parts[0]) & set(parts[1])
+    again = list(build_train_sampler(data, DistContext(rank=0, world_size=2), seed=0))
+    assert again == parts[0]  # the order depends on (seed, epoch) only: resumable
+    s = build_train_sampler(data, DistContext(rank=0, world_size=2), seed=0)
+    s.set_epoch(1)
+    assert list(s) != parts[0]
+    ra = [list(build_train_sampler(data, DistContext(rank=r, world_size=3), seed=0, repeated_aug=3))
+          for r in range(3)]
+    assert ra[0] == ra[1] == ra[2]  # each rank sees the same images, augmented independently (DeiT's RA)
+    half = build_train_sampler(data, DistContext(), seed=0, fraction=0.5)
+    assert len(list(half)) == 10
+
+
+def test_shipped_configs_and_overrides():
+    names = packaged_configs()
+    assert {f"efficientvit_m{i}" for i in range(6)} | {"fashion_mnist_m0"} <= set(names)
+    for n in names:
+        load_config(n)
+    cfg = load_config("efficientvit_m4")
+    assert (cfg.model.name, cfg.sched.epochs, cfg.optim.weight_decay, cfg.optim.clip_grad) == (
+        "efficientvit_m4", 300, 0.025, 0.02)
+    assert cfg.aug.auto_augment == "rand-m9-mstd0.5-inc1" and cfg.data.repeated_aug == 3
+    assert cfg.ema.decay == 0.99996
+    assert load_config("efficientvit_m0").to_dict() == Config().to_dict() | {"run": load_config(
+        "efficientvit_m0").to_dict()["run"]}  # the dataclass defaults are the official recipe
+    cfg = load_config("efficientvit_m0", ["optim.base_lr=2e-3", "aug.scale=[0.5, 1]", "distill.teacher=null"])
+    assert cfg.optim.base_lr == 2e-3 and cfg.aug.scale == (0.5, 1.0)
+    with pytest.raises(ValueError, match=r"unknown setting optim.lrr \(did you mean optim.lr\?\)"):
+        load_config(None, ["optim.lrr=1"])
+    with pytest.raises(ValueError, match="sched.epochs: expected an integer"):
+        load_config(None, ["sched.epochs=ten"])
+    with pytest.raises(ValueError, match="not KEY=VALUE"):
+        load_config(None, ["sched.epochs"])
+    with pytest.raises(FileNotFoundError, match="shipped configs"):
+        load_config("no_such_config")
+
+
+def test_lr_scaling_rule_and_no_decay_groups():
+    from effvit.models import create_model
+    from effvit.train.engine import build_optimizer
+
+    cfg = load_config("efficientvit_m0")
+    model = create_model("efficientvit_m0", num_classes=10, img_size=64)
+    opt = build_optimizer(model, cfg, global_batch=2048)
+    assert all(abs(g["lr"] - 4e-3) < 1e-12 for g in opt.param_groups)
+    no_decay = {id(p) for g in opt.param_groups if g["weight_decay"] == 0 for p in g["params"]}
+    for name, p in model.named_parameters():
+        expect = p.ndim <= 1 or name.endswith("attention_biases")
+        assert (id(p) in no_decay) == expect, name

@@ -1,0 +1,163 @@
+"""The training engine: it learns, resumes exactly, stops on NaN, fine-tunes, refuses other variants."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from _train_helpers import make_image_folder, tiny_config
+from torch import nn
+from torch.utils.data import Dataset
+
+from effvit.train import (
+    NonFiniteLossError,
+    Task,
+    build_classification_task,
+    build_loader,
+    seed_everything,
+    train,
+)
+from effvit.train.checkpoint import load_training_state
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp("data"))
+
+
+def _build(cfg):
+    seed_everything(cfg.run.seed)
+    return build_classification_task(cfg, log=lambda *_: None)
+
+
+def _batch_loss(model, inputs, targets):
+    """Cross-entropy in train mode (batch statistics: a dozen steps cannot settle BN's running ones)."""
+    import copy
+
+    m = copy.deepcopy(model).train()
+    with torch.no_grad():
+        return nn.functional.cross_entropy(m(inputs), targets).item()
+
+
+def test_training_reduces_the_loss(folder, tmp_path):
+    cfg = tiny_config(folder, tmp_path, "sched.epochs=3", "ema.enabled=false")
+    task = _build(cfg)
+    inputs, targets = next(iter(build_loader(task.val_dataset, 8)))
+    before = _batch_loss(task.model, inputs, targets)
+    result = train(task, cfg)
+    after = _batch_loss(task.model, inputs, targets)
+    assert after < 0.7 * before, (before, after)
+    assert [h["epoch"] for h in result.history] == [1, 2, 3]
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+    for name in ("last.pth", "best.pth", "log.csv", "curves.png", "config.yaml"):
+        assert (result.output_dir / name).is_file(), name
+
+
+@pytest.mark.slow
+def test_resume_matches_an_uninterrupted_run(folder, tmp_path):
+    """Run A: 2 epochs straight. Run B: stopped after epoch 1 (as if killed), then resumed from last.pth.
+    With deterministic settings the weights, EMA and optimizer state are bit-identical."""
+    extra = ("aug.re_prob=0.25", "aug.mixup=0.8", "aug.smoothing=0.1")  # consume every RNG stream
+    cfg_a = tiny_config(folder, tmp_path / "a", *extra)
+    res_a = train(_build(cfg_a), cfg_a)
+
+    cfg_b = tiny_config(folder, tmp_path / "b", *extra, "run.stop_after=1")
+    res_b1 = train(_build(cfg_b), cfg_b)
+    assert load_training_state(res_b1.last_checkpoint)["epoch"] == 1
+    cfg_b.run.stop_after = None
+    res_b = train(_build(cfg_b), cfg_b, resume=res_b1.last_checkpoint)
+
+    a, b = load_training_state(res_a.last_checkpoint), load_training_state(res_b.last_checkpoint)
+    assert a["epoch"] == b["epoch"] == 2
+    for key in ("state_dict", "ema"):
+        assert a[key].keys() == b[key].keys()
+        for k in a[key]:
+            assert torch.equal(a[key][k], b[key][k]), f"{key}.{k} differs after resume"
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values(), strict=True):
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert [h["train_loss"] for h in a["history"]] == [h["train_loss"] for h in b["history"]]
+
+
+class _Regression(Task):
+    """A non-classification task on the same engine: predict the mean brightness, MSE loss; the loss
+    turns NaN from the second epoch on (as a diverging run would)."""
+
+    best_metric, best_mode = "mse", "min"
+
+    def __init__(self, *a, nan_from_step: int, **kw):
+        super().__init__(*a, **kw)
+        self.steps, self.nan_from_step = 0, nan_from_step
+
+    def loss(self, outputs, targets):
+        self.steps += 1
+        loss = nn.functional.mse_loss(outputs.squeeze(1), targets.float())
+        return loss * float("nan") if self.steps >= self.nan_from_step else loss
+
+    def eval_stats(self, outputs, targets):
+        err = (outputs.squeeze(1).float() - targets.float()) ** 2
+        return {"sq": err.sum().double(), "count": torch.tensor(float(len(targets)), dtype=torch.float64)}
+
+    def summarize(self, stats):
+        return {"mse": float(stats["sq"] / stats["count"])}
+
+
+class _Images(Dataset):
+    def __init__(self, n=16):
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.rand(n, 3, 32, 32, generator=g)
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], self.x[i].mean()
+
+
+def test_nan_loss_stops_with_the_last_good_checkpoint(folder, tmp_path):
+    from effvit.models import create_model
+
+    cfg = tiny_config(folder, tmp_path, "sched.epochs=3", "ema.enabled=false")
+    model = create_model("efficientvit_m0", num_classes=1, img_size=32)
+    task = _Regression(model, _Images(), _Images(8), nan_from_step=6)  # 4 steps per epoch: NaN in epoch 2
+    with pytest.raises(NonFiniteLossError) as err:
+        train(task, cfg)
+    msg = str(err.value)
+    assert "epoch 2, step 2/4" in msg and "last good checkpoint" in msg and "epoch 1" in msg, msg
+    state = load_training_state(tmp_path / "run" / "last.pth")
+    assert state["epoch"] == 1 and all(torch.isfinite(v).all() for v in state["state_dict"].values()
+                                       if v.is_floating_point())
+    assert state["meta"]["num_classes"] == 1 and "val_mse" in state["history"][0]
+
+
+def test_finetune_to_other_classes_and_resolution(folder, tmp_path):
+    cfg = tiny_config(folder, tmp_path / "src", "sched.epochs=1", "ema.enabled=false")
+    src = train(_build(cfg), cfg)
+    three = make_image_folder(tmp_path / "three", classes=("a", "b", "c"), n_train=4, n_val=2)
+    ft = tiny_config(three, tmp_path / "ft", "sched.epochs=1", "model.img_size=48",
+                     f"model.finetune={src.last_checkpoint}", "model.freeze_bn=true")
+    task = _build(ft)
+    sd_src = load_training_state(src.last_checkpoint)["state_dict"]
+    sd_new = task.model.state_dict()
+    assert sd_new["head.linear.weight"].shape[0] == 3
+    for k, v in sd_src.items():
+        if k.startswith("head.linear"):
+            continue
+        if k.endswith("attention_biases") and v.shape != sd_new[k].shape:  # 32 px -> 48 px: 2x2 -> 3x3 tables
+            assert sd_new[k].shape[1] > v.shape[1]
+            continue
+        assert torch.equal(sd_new[k], v), k
+    bn_before = task.model.patch_embed.conv1.bn.running_mean.clone()
+    result = train(task, ft)
+    assert result.history[-1]["val_top1"] >= 0
+    assert torch.equal(task.model.patch_embed.conv1.bn.running_mean, bn_before)  # --freeze-bn
+
+
+def test_checkpoint_of_another_variant_is_refused(folder, tmp_path):
+    cfg = tiny_config(folder, tmp_path / "m0", "sched.epochs=1", "ema.enabled=false")
+    src = train(_build(cfg), cfg)
+    other = tiny_config(folder, tmp_path / "m1", "model.name=efficientvit_m1")
+    refused = "holds efficientvit_m0 weights but the model being built is efficientvit_m1"
+    with pytest.raises(ValueError, match=refused):
+        train(_build(other), other, resume=src.last_checkpoint)
+    other.model.finetune = str(src.last_checkpoint)
+    with pytest.raises(ValueError, match=refused):
+        _build(other)
