@@ -109,7 +109,7 @@ def export_torchscript(model: nn.Module, path: str | Path, img_size: int | tuple
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # trace deprecation and constant-shape notes, as above
         traced = torch.jit.freeze(torch.jit.trace(fused, _example(fused, 2, size)))
-    torch.jit.save(traced, str(path))
+        torch.jit.save(traced, str(path))
     return verify_torchscript(path, ref, size, atol) if verify else None
 
 
@@ -118,7 +118,9 @@ def verify_torchscript(path: str | Path, model: nn.Module, img_size: int | tuple
                        atol: float = 1e-4) -> float:
     _, ref = _prepare(model)
     size = _size(img_size)
-    loaded = torch.jit.load(str(path), map_location="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TorchScript deprecation note
+        loaded = torch.jit.load(str(path), map_location="cpu")
     diff = 0.0
     for b in VERIFY_BATCHES:
         x = _example(ref, b, size, seed=b)
