@@ -39,7 +39,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--seconds", type=float, default=10.0, help="timed seconds per implementation "
                    "and scenario, split over --rounds alternating rounds")
-    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--rounds", type=int, default=10,
+                   help="alternating rounds; the ratio is the median of the per-round ratios")
     p.add_argument("--warmup", type=float, default=2.0, help="untimed seconds before timing")
     p.add_argument("--probe", type=float, default=None,
                    help="seconds per candidate form when picking each side's fastest (default seconds/5)")
@@ -205,7 +206,7 @@ def _bench_one(name: str, scenario: str, threads: int, args, peak: float | None,
             "ratio_vs_timm": None, "paper_top1": VARIANTS[name].top1,
         })
     if "timm" in timings:
-        out[0]["ratio_vs_timm"] = round(timings["timm"].median / timings["effvit"].median, 3)
+        out[0]["ratio_vs_timm"] = round(B.ratio(timings["timm"], timings["effvit"]), 3)
     if scenario == "ort":
         tmp.cleanup()
     return out

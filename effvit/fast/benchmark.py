@@ -18,22 +18,33 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-__all__ = ["Forward", "Timing", "time_forward", "alternate", "pick_fastest", "effvit_forms", "timm_forms",
-           "onnx_forward", "cpu_peak_flops", "randomise_norms"]
+__all__ = ["Forward", "Timing", "ratio", "time_forward", "alternate", "pick_fastest", "effvit_forms",
+           "timm_forms", "onnx_forward", "cpu_peak_flops", "randomise_norms"]
 
 Forward = Callable[[], object]  # one batch through one form; inputs are bound inside
 
 
 @dataclass
 class Timing:
-    times: list[float] = field(default_factory=list)  # seconds per batch
+    rounds: list[list[float]] = field(default_factory=list)  # seconds per batch, one list per round
+
+    @property
+    def times(self) -> list[float]:
+        return [t for r in self.rounds for t in r]
 
     @property
     def median(self) -> float:
-        return statistics.median(self.times) if self.times else float("nan")
+        return statistics.median(self.times) if self.rounds else float("nan")
 
     def img_s(self, batch: int) -> float:
         return batch / self.median
+
+
+def ratio(slow: Timing, fast: Timing) -> float:
+    """Median over rounds of slow/fast per-round median times: each round's two measurements ran
+    back to back, so load that changes between rounds cancels out."""
+    return statistics.median(statistics.median(a) / statistics.median(b)
+                             for a, b in zip(slow.rounds, fast.rounds, strict=True))
 
 
 def _sync(device: torch.device) -> None:
@@ -61,7 +72,7 @@ def alternate(fns: dict[str, Forward], seconds: float, rounds: int, device: torc
     out = {k: Timing() for k in fns}
     for _ in range(rounds):
         for k, fn in fns.items():
-            out[k].times += time_forward(fn, seconds / rounds, device)
+            out[k].rounds.append(time_forward(fn, seconds / rounds, device))
         if on_round is not None:
             on_round()
     return out
