@@ -1,0 +1,99 @@
+"""Reproduce the ``## Inference speed`` numbers of BENCHMARKS.md.
+
+1. ``effvit bench`` for every variant against timm: CPU 1 thread batch 16 fp32 (best form of each side,
+   torch.compile included with ``--compile``), ONNX Runtime 1 thread, CPU all threads.
+2. Every form of both implementations for the chosen models, alternating in one process, so that the
+   ratio against each of timm's forms (eager, reparameterised, traced, channels-last, compiled) is on
+   record, not only against the fastest.
+3. The CPU's peak fp32 FLOP/s at 1 thread (best of 2048^3 sgemm over --peak-seconds).
+
+    nice -n 5 python benchmarks/inference_speed.py --out runs/inference_speed [--compile] [--seconds 10]
+
+Writes markdown tables to stdout and runs/inference_speed/{forms.json, bench_*/}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from effvit.cli import main as effvit_main
+from effvit.fast import benchmark as B
+from effvit.models import VARIANTS, create_model
+from effvit.models.complexity import count_macs
+
+
+def forms_table(name: str, seconds: float, rounds: int, compile: bool) -> dict:
+    """All forms of effvit and timm for one variant at 1 thread, batch 16, alternating."""
+    import timm
+
+    torch.set_num_threads(1)
+    model = B.randomise_norms(create_model(name)).eval()
+    x = torch.randn(16, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    tm = timm.create_model(name)
+    tm.load_state_dict(model.state_dict())
+    tm.eval()
+    makers = {f"effvit {k}": v for k, v in B.effvit_forms(model, x, None, compile).items()}
+    makers |= {f"timm {k}": v for k, v in B.timm_forms(tm, x, None, compile).items()}
+    fns = {k: make() for k, make in makers.items()}
+    timings = B.alternate(fns, seconds * len(fns), rounds, torch.device("cpu"), warmup=1.0)
+    best = min((k for k in timings if k.startswith("effvit")), key=lambda k: timings[k].median)
+    return {k: {"img_s": round(16 / t.median, 1), "ms": round(t.median * 1e3, 2), "iters": len(t.times),
+                "effvit_best_speedup": round(B.ratio(t, timings[best]), 3)}
+            for k, t in timings.items()}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="runs/inference_speed")
+    p.add_argument("--models", default="all")
+    p.add_argument("--forms-models", default="m0,m4", help="variants for the all-forms table")
+    p.add_argument("--seconds", type=float, default=10.0)
+    p.add_argument("--rounds", type=int, default=10)
+    p.add_argument("--compile", action="store_true", help="include torch.compile forms on both sides")
+    p.add_argument("--peak-seconds", type=float, default=10.0)
+    p.add_argument("--skip-bench", action="store_true")
+    args = p.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    peak = B.cpu_peak_flops(1, seconds=args.peak_seconds)
+    print(f"CPU peak fp32, 1 thread (best 2048^3 sgemm over {args.peak_seconds:.0f}s): "
+          f"{peak / 1e9:.1f} GFLOP/s")
+
+    if not args.skip_bench:
+        common = ["--models", args.models, "--seconds", str(args.seconds), "--rounds", str(args.rounds),
+                  "--vs", "timm"]
+        effvit_main(["bench", "--scenarios", "cpu1,ort", *common, "--out", str(out / "bench_1thread"),
+                     *(["--compile"] if args.compile else [])])
+        effvit_main(["bench", "--scenarios", "cpu", *common, "--out", str(out / "bench_all_threads")])
+
+    from effvit.cli.info import resolve_models
+
+    record = {"peak_gflops_1thread": round(peak / 1e9, 1), "forms": {}}
+    for name in resolve_models(args.forms_models):
+        table = forms_table(name, args.seconds / 2, args.rounds, args.compile)
+        record["forms"][name] = table
+        macs = count_macs(create_model(name))
+        best_e = max(v["img_s"] for k, v in table.items() if k.startswith("effvit"))
+        print(f"\n{name}: all forms, 1 thread, batch 16, fp32 (alternating, medians)\n")
+        print("| form | img/s | ms/batch | effvit best speed-up (median of per-round ratios) |")
+        print("|---|---|---|---|")
+        for k, v in sorted(table.items(), key=lambda kv: -kv[1]["img_s"]):
+            print(f"| {k} | {v['img_s']} | {v['ms']} | {v['effvit_best_speedup']:.2f}x |")
+        frac = macs * 2 * best_e / peak
+        print(f"\n{name} best effvit form: {macs / 1e6:.1f}M MACs x 2 x {best_e} img/s = "
+              f"{macs * 2 * best_e / 1e9:.1f} GFLOP/s = {100 * frac:.0f}% of peak")
+        record["forms"][name + "_peak_frac"] = round(frac, 3)
+        sys.stdout.flush()
+    record["paper_top1"] = {k: v.top1 for k, v in VARIANTS.items()}
+    (out / "forms.json").write_text(json.dumps(record, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,287 @@
+"""``effvit bench``: inference throughput by the paper's protocol, optionally against timm.
+
+Scenarios: ``cpu1`` (``--threads`` threads, default 1, batch 16, fp32), ``cpu`` (all threads), ``ort``
+(ONNX Runtime CPU on our export, ``--threads`` threads, batch 16), ``gpu`` (batch 2048, fp16 autocast)
+and ``gpu-bf16``. Each implementation runs in its fastest form (chosen by a short probe), the two
+alternate in rounds, and medians are reported with params, MACs, the output difference to the
+unfused model and, on CPU, the fraction of the measured peak FLOP/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import os
+import platform
+import sys
+import tempfile
+from pathlib import Path
+
+CPU_SCENARIOS = ("cpu1", "cpu", "ort")
+GPU_SCENARIOS = ("gpu", "gpu-bf16")
+COLUMNS = ["model", "scenario", "impl", "form", "device", "precision", "batch", "threads", "img_s",
+           "ms_batch", "params_m", "macs_m", "peak_frac", "max_abs_diff", "ratio_vs_timm", "paper_top1"]
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="inference throughput (paper protocol), optionally vs timm")
+    p.add_argument("--models", default="all", help="comma-separated variants (m0,m4) or 'all'")
+    p.add_argument("--scenarios", default=None,
+                   help=f"comma-separated among {', '.join(CPU_SCENARIOS + GPU_SCENARIOS)} "
+                        "(default: the CPU ones, plus the GPU ones when CUDA is used)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="auto: CPU scenarios, and GPU ones when CUDA is present")
+    p.add_argument("--batch", type=int, default=None, help="batch size for every scenario "
+                   "(default: 16 on CPU, 2048 on GPU)")
+    p.add_argument("--threads", type=int, default=1, help="threads of the cpu1 and ort scenarios")
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--seconds", type=float, default=10.0, help="timed seconds per implementation "
+                   "and scenario, split over --rounds alternating rounds")
+    p.add_argument("--rounds", type=int, default=10,
+                   help="alternating rounds; the ratio is the median of the per-round ratios")
+    p.add_argument("--warmup", type=float, default=2.0, help="untimed seconds before timing")
+    p.add_argument("--probe", type=float, default=None,
+                   help="seconds per candidate form when picking each side's fastest (default seconds/5)")
+    p.add_argument("--vs", default=None, choices=["timm"], help="also run timm's implementation")
+    p.add_argument("--compile", action="store_true",
+                   help="add torch.compile forms (inductor; minutes of compilation per model)")
+    p.add_argument("--out", default="runs/bench", help="folder for bench.csv, bench.json, bench.png")
+    p.add_argument("--no-plot", action="store_true")
+    p.set_defaults(func=run)
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _scenarios(args: argparse.Namespace, cuda: bool) -> list[str]:
+    if args.scenarios:
+        out = [s.strip() for s in args.scenarios.split(",") if s.strip()]
+        for s in out:
+            if s not in CPU_SCENARIOS + GPU_SCENARIOS:
+                raise ValueError(f"unknown scenario {s!r}; choose from "
+                                 f"{', '.join(CPU_SCENARIOS + GPU_SCENARIOS)}")
+    else:
+        out = [] if args.device == "cuda" else list(CPU_SCENARIOS)
+        if args.device == "cuda" or (args.device == "auto" and cuda):
+            out += list(GPU_SCENARIOS)
+    if any(s in GPU_SCENARIOS for s in out) and not cuda:
+        raise ValueError("GPU scenarios need CUDA, which this machine does not have; use --device cpu")
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from effvit.cli.info import resolve_models
+
+    if args.seconds <= 0 or args.rounds < 1 or args.threads < 1:
+        raise ValueError("--seconds must be > 0, --rounds >= 1 and --threads >= 1")
+    if args.vs == "timm":
+        try:
+            import timm  # noqa: F401
+        except ImportError as e:
+            raise ValueError("--vs timm needs timm: pip install timm") from e
+    names = resolve_models(args.models)
+    scenarios = _scenarios(args, torch.cuda.is_available())
+    all_threads = torch.get_num_threads()
+    meta = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "cpu": cpu_name(), "cpu_count": os.cpu_count(), "all_threads": all_threads,
+        "torch": torch.__version__, "python": platform.python_version(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "argv": sys.argv[1:],
+    }
+    peaks = {}
+    rows: list[dict] = []
+    bar = tqdm(total=len(names) * len(scenarios), desc="bench", unit="run", file=sys.stderr,
+               dynamic_ncols=True)
+    try:
+        for scenario in scenarios:
+            threads = all_threads if scenario == "cpu" else args.threads
+            if scenario in CPU_SCENARIOS and threads not in peaks:
+                bar.set_postfix_str(f"CPU peak FLOP/s, {threads} thread(s)")
+                from effvit.fast.benchmark import cpu_peak_flops
+                peaks[threads] = cpu_peak_flops(threads)
+            for name in names:
+                bar.set_postfix_str(f"{name} {scenario}")
+                rows += _bench_one(name, scenario, threads, args, peaks.get(threads), bar)
+                bar.update(1)
+    finally:
+        bar.close()
+        torch.set_num_threads(all_threads)
+    meta.update(_versions())
+    meta["cpu_peak_gflops"] = {str(k): round(v / 1e9, 1) for k, v in peaks.items()}
+    _report(rows, meta, args)
+    return 0
+
+
+def _versions() -> dict:
+    out = {}
+    for mod in ("timm", "onnxruntime", "onnx"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except ImportError:
+            out[mod] = None
+    return out
+
+
+def _bench_one(name: str, scenario: str, threads: int, args, peak: float | None, bar) -> list[dict]:
+    import torch
+
+    from effvit.fast import benchmark as B
+    from effvit.models import VARIANTS, create_model
+    from effvit.models.complexity import count_macs, count_params
+
+    gpu = scenario in GPU_SCENARIOS
+    device = torch.device("cuda" if gpu else "cpu")
+    amp = {"gpu": torch.float16, "gpu-bf16": torch.bfloat16}.get(scenario)
+    batch = args.batch or (2048 if gpu else 16)
+    torch.set_num_threads(threads)
+    size = args.img_size
+    model = B.randomise_norms(create_model(name, img_size=size)).eval()
+    params, macs = count_params(model), count_macs(model, size)
+    model = model.to(device)
+    x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
+    with torch.inference_mode():
+        ref = model(x).float()
+    probe = args.probe if args.probe is not None else max(args.seconds / 5, 0.05)
+
+    impls: dict[str, tuple[str, B.Forward]] = {}
+    if scenario == "ort":
+        tmp = tempfile.TemporaryDirectory()
+        from effvit.fast.export import export_onnx
+        path = os.path.join(tmp.name, f"{name}.onnx")
+        export_onnx(model, path, size, verify=False)
+        impls["effvit"] = ("fused onnx", B.onnx_forward(path, x, threads))
+    else:
+        form, fn, _ = B.pick_fastest(B.effvit_forms(model, x, amp, args.compile), probe, device)
+        impls["effvit"] = (form, fn)
+    if args.vs == "timm":
+        import timm
+
+        tm = timm.create_model(name, num_classes=model.num_classes, img_size=size)
+        tm.load_state_dict(model.state_dict())
+        tm = tm.to(device).eval()
+        if scenario == "ort":
+            from timm.utils import reparameterize_model
+            tpath = os.path.join(tmp.name, f"timm_{name}.onnx")
+            _export_plain_onnx(reparameterize_model(tm).cpu(), x[:2].cpu(), tpath)
+            impls["timm"] = ("reparam onnx", B.onnx_forward(tpath, x, threads))
+        else:
+            form, fn, _ = B.pick_fastest(B.timm_forms(tm, x, amp, args.compile), probe, device)
+            impls["timm"] = (form, fn)
+
+    rounds_done = [0]
+
+    def on_round():
+        rounds_done[0] += 1
+        bar.set_postfix_str(f"{name} {scenario} round {rounds_done[0]}/{args.rounds}")
+
+    timings = B.alternate({k: fn for k, (_, fn) in impls.items()}, args.seconds, args.rounds, device,
+                          warmup=args.warmup, on_round=on_round)
+    out = []
+    for impl, (form, fn) in impls.items():
+        y = fn()
+        y = torch.as_tensor(y).to(device).float()
+        t = timings[impl]
+        img_s = t.img_s(batch)
+        out.append({
+            "model": name, "scenario": scenario, "impl": impl, "form": form, "device": device.type,
+            "precision": {torch.float16: "fp16-autocast", torch.bfloat16: "bf16-autocast"}.get(amp, "fp32"),
+            "batch": batch, "threads": threads if not gpu else None, "img_s": round(img_s, 1),
+            "ms_batch": round(t.median * 1e3, 2), "params_m": round(params / 1e6, 3),
+            "macs_m": round(macs / 1e6, 1),
+            "peak_frac": round(macs * 2 * img_s / peak, 3) if peak else None,
+            "max_abs_diff": float(f"{(y - ref).abs().max().item():.3g}"),
+            "ratio_vs_timm": None, "paper_top1": VARIANTS[name].top1,
+        })
+    if "timm" in timings:
+        out[0]["ratio_vs_timm"] = round(B.ratio(timings["timm"], timings["effvit"]), 3)
+    if scenario == "ort":
+        tmp.cleanup()
+    return out
+
+
+def _export_plain_onnx(model, x, path: str) -> None:
+    """timm's model to ONNX the usual way (TorchScript-based exporter, dynamic batch)."""
+    import warnings
+
+    import torch
+
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (x,), path, dynamo=False, opset_version=17, input_names=["image"],
+                          output_names=["logits"],
+                          dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}})
+
+
+def _report(rows: list[dict], meta: dict, args: argparse.Namespace) -> None:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    head = (f"{'model':<16}{'scenario':<10}{'impl':<8}{'form':<18}{'batch':>6}{'thr':>4}{'img/s':>10}"
+            f"{'ms/batch':>10}{'params':>8}{'MACs':>8}{'peak':>7}{'maxdiff':>10}{'vs timm':>9}")
+    print(f"{meta['cpu']} ({meta['cpu_count']} CPUs), torch {meta['torch']}, timm {meta.get('timm')}, "
+          f"onnxruntime {meta.get('onnxruntime')}; GPU: {meta['gpu'] or 'none'}")
+    if meta["cpu_peak_gflops"]:
+        print("CPU peak (2048^3 fp32 matmul): " + ", ".join(
+            f"{v} GFLOP/s at {k} thread(s)" for k, v in meta["cpu_peak_gflops"].items()))
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        peak = f"{100 * r['peak_frac']:.0f}%" if r["peak_frac"] is not None else "-"
+        ratio = f"{r['ratio_vs_timm']:.2f}x" if r["ratio_vs_timm"] is not None else ""
+        print(f"{r['model']:<16}{r['scenario']:<10}{r['impl']:<8}{r['form']:<18}{r['batch']:>6}"
+              f"{r['threads'] or '-':>4}{r['img_s']:>10.1f}{r['ms_batch']:>10.2f}{r['params_m']:>7.2f}M"
+              f"{r['macs_m']:>7.0f}M{peak:>7}{r['max_abs_diff']:>10.1e}{ratio:>9}")
+    with open(out / "bench.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w.writeheader()
+        w.writerows(rows)
+    (out / "bench.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    written = ["bench.csv", "bench.json"]
+    if not args.no_plot:
+        _plot(rows, out / "bench.png")
+        written.append("bench.png")
+    print(f"wrote {', '.join(str(out / w) for w in written)}")
+
+
+def _plot(rows: list[dict], path: Path) -> None:
+    """Throughput against the paper's top-1, one panel per scenario (like the paper's figure 1)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scenarios = list(dict.fromkeys(r["scenario"] for r in rows))
+    fig, axes = plt.subplots(1, len(scenarios), figsize=(5 * len(scenarios), 4), squeeze=False)
+    for ax, sc in zip(axes[0], scenarios, strict=True):
+        for impl, style in (("effvit", "o-"), ("timm", "s--")):
+            pts = sorted((r["paper_top1"], r["img_s"], r["model"]) for r in rows
+                         if r["scenario"] == sc and r["impl"] == impl)
+            if not pts:
+                continue
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=impl)
+            if impl == "effvit":
+                for top1, ips, name in pts:
+                    ax.annotate(name.split("_")[-1].upper(), (top1, ips), textcoords="offset points",
+                                xytext=(4, 4), fontsize=8)
+        r0 = next(r for r in rows if r["scenario"] == sc)
+        ax.set_title(f"{sc}: batch {r0['batch']}, {r0['precision']}"
+                     + (f", {r0['threads']} thread(s)" if r0["threads"] else ""))
+        ax.set_xlabel("ImageNet top-1 (%, paper)")
+        ax.set_ylabel("throughput (images/s)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

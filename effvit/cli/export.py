@@ -1,0 +1,57 @@
+"""``effvit export``: the fused inference model as ONNX and/or TorchScript, verified after writing."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+FORMATS = {"onnx": ".onnx", "torchscript": ".ts.pt"}
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="export the fused model to ONNX / TorchScript (verified)")
+    p.add_argument("--model", default="m0", help="variant (m0..m5 or full name)")
+    p.add_argument("--checkpoint", default=None,
+                   help="weights: path or URL (official, timm or effvit layout); random weights if omitted")
+    p.add_argument("--num-classes", type=int, default=None, help="classes of the checkpoint's head")
+    p.add_argument("--img-size", type=int, nargs="+", default=[224], help="H [W] fixed in the export")
+    p.add_argument("--format", default="onnx,torchscript", help="comma-separated: onnx, torchscript")
+    p.add_argument("--out", default="exports", help="output folder")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 17)")
+    p.add_argument("--dynamo", action="store_true", help="use the torch.export-based ONNX exporter")
+    p.add_argument("--atol", type=float, default=1e-4, help="max abs difference accepted by verification")
+    p.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime / reload check")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from effvit.cli.info import resolve_models
+    from effvit.fast.export import export_onnx, export_torchscript
+    from effvit.models import create_model
+
+    names = resolve_models(args.model)
+    if len(names) != 1:
+        raise ValueError(f"--model takes one variant, got {args.model!r}")
+    formats = [f.strip().lower() for f in args.format.split(",") if f.strip()]
+    for f in formats:
+        if f not in FORMATS:
+            raise ValueError(f"unknown format {f!r}; choose from {', '.join(FORMATS)}")
+    if len(args.img_size) not in (1, 2):
+        raise ValueError(f"--img-size takes H or H W, got {args.img_size}")
+    size = (args.img_size[0], args.img_size[-1])
+    model = create_model(names[0], pretrained=args.checkpoint or False, num_classes=args.num_classes,
+                         img_size=size)
+    out = Path(args.out)
+    stem = f"{names[0]}_{size[0]}x{size[1]}"
+    for f in formats:
+        path = out / f"{stem}{FORMATS[f]}"
+        if f == "onnx":
+            diff = export_onnx(model, path, size, opset=args.opset, dynamo=args.dynamo,
+                               verify=not args.no_verify, atol=args.atol)
+            check = "onnxruntime"
+        else:
+            diff = export_torchscript(model, path, size, verify=not args.no_verify, atol=args.atol)
+            check = "torch.jit.load"
+        note = "not verified" if diff is None else f"verified with {check}: max abs diff {diff:.2e}"
+        print(f"{f:<12} {path}  ({note}; dynamic batch, {size[0]}x{size[1]})")
+    return 0

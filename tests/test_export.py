@@ -1,0 +1,77 @@
+"""ONNX (opset >= 17, dynamic batch, checked with ONNX Runtime) and TorchScript exports."""
+
+from __future__ import annotations
+
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from effvit import create_model, fuse
+from effvit.cli import main
+from effvit.fast.benchmark import randomise_norms
+from effvit.fast.export import export_onnx, export_torchscript, verify_onnx
+
+
+def _model(name: str = "efficientvit_m0", **kw) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return randomise_norms(create_model(name, **kw)).eval()
+
+
+@torch.no_grad()
+def test_onnx_export_verified_dynamic_batch(tmp_path):
+    model = _model()
+    path = tmp_path / "m0.onnx"
+    diff = export_onnx(model, path)
+    assert diff is not None and diff <= 1e-4
+    proto = onnx.load(str(path))
+    onnx.checker.check_model(proto)
+    assert max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) >= 17
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [i.name for i in sess.get_inputs()] == ["image"]
+    assert not isinstance(sess.get_inputs()[0].shape[0], int)  # symbolic batch axis
+    x = torch.randn(5, 3, 224, 224)
+    out = sess.run(None, {"image": x.numpy()})[0]
+    assert out.shape == (5, 1000)
+    assert (torch.from_numpy(out) - model(x)).abs().max().item() <= 1e-4
+
+
+@torch.no_grad()
+def test_onnx_non_square_and_fused_input(tmp_path):
+    model = _model("efficientvit_m2")
+    path = tmp_path / "m2.onnx"
+    export_onnx(fuse(model), path, img_size=(320, 192), verify=False)
+    assert verify_onnx(path, model, (320, 192)) <= 1e-4  # checked against the unfused model
+
+
+def test_onnx_rejects_old_opset_and_other_models(tmp_path):
+    with pytest.raises(ValueError, match="opset 13 is too old"):
+        export_onnx(_model(), tmp_path / "x.onnx", opset=13)
+    with pytest.raises(ValueError, match="expected an EfficientViT-M model"):
+        export_onnx(torch.nn.Linear(2, 2), tmp_path / "x.onnx")
+
+
+@torch.no_grad()
+def test_torchscript_export(tmp_path):
+    model = _model("efficientvit_m1")
+    path = tmp_path / "m1.ts.pt"
+    assert export_torchscript(model, path) <= 1e-4
+    loaded = torch.jit.load(str(path))
+    x = torch.randn(4, 3, 224, 224)
+    assert (loaded(x) - model(x)).abs().max().item() <= 1e-4
+
+
+@pytest.mark.slow
+def test_export_cli(tmp_path, capsys):
+    assert main(["export", "--model", "m0", "--out", str(tmp_path), "--format", "onnx,torchscript"]) == 0
+    out = capsys.readouterr().out
+    assert (tmp_path / "efficientvit_m0_224x224.onnx").is_file()
+    assert (tmp_path / "efficientvit_m0_224x224.ts.pt").is_file()
+    assert out.count("verified with") == 2
+
+
+def test_export_cli_errors(tmp_path, capsys):
+    assert main(["export", "--model", "m0", "--format", "tflite", "--out", str(tmp_path)]) == 2
+    assert "unknown format 'tflite'" in capsys.readouterr().err
+    assert main(["export", "--model", "m9", "--out", str(tmp_path)]) == 2
+    assert "unknown model" in capsys.readouterr().err

@@ -1,0 +1,236 @@
+"""effvit.fuse: every rewrite keeps the outputs (fp32, max abs difference <= 1e-4)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from effvit import create_model, fuse, list_models
+from effvit.fast.benchmark import randomise_norms
+from effvit.fast.fuse import (
+    FusedCascadedAttention,
+    FusedDwFFN,
+    FusedEfficientVit,
+    FusedWindowAttention,
+    fuse_bn_linear,
+    fuse_conv_bn,
+)
+from effvit.models.efficientvit import CascadedGroupAttention, ConvMlp, ConvNorm, NormLinear, Residual
+
+TOL = 1e-4
+
+
+def _model(name: str = "efficientvit_m0", seed: int = 0, **kw) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return randomise_norms(create_model(name, **kw), seed).eval()
+
+
+def _x(*shape: int, seed: int = 1) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert a.shape == b.shape
+    d = (a - b).abs().max().item()
+    assert d <= TOL, d
+    return d
+
+
+@pytest.mark.parametrize("name", list_models())
+@torch.no_grad()
+def test_parity_224(name):
+    model = _model(name)
+    fused = fuse(model)
+    x = _x(2, 3, 224, 224)
+    ref = model(x)
+    assert ref.abs().max() > 0.1  # the randomised norms make every branch count
+    _close(fused(x), ref)
+
+
+@pytest.mark.parametrize("name,size", [
+    ("efficientvit_m0", (320, 192)),   # padded windows in stages 1 and 2 (20x12, 10x6), stage 3 5x3
+    ("efficientvit_m2", (320, 192)),   # other head counts and q kernels (7, 5, 3)
+    ("efficientvit_m0", (448, 448)),   # windows tiling exactly: 28x28 and 14x14 maps, no padding
+    ("efficientvit_m1", (96, 80)),     # maps smaller than the window: sub-grids of the bias
+])
+@torch.no_grad()
+def test_parity_other_sizes(name, size):
+    model = _model(name)
+    fused = fuse(model)
+    x = _x(1, 3, *size)
+    _close(fused(x), model(x))
+
+
+@torch.no_grad()
+def test_model_built_at_another_size():
+    model = _model("efficientvit_m0", img_size=(320, 192))  # windows and bias tables follow img_size
+    x = _x(1, 3, 320, 192)
+    _close(fuse(model)(x), model(x))
+
+
+@torch.no_grad()
+def test_features_stages_and_head():
+    model = _model()
+    fused = fuse(model)
+    x = _x(2, 3, 224, 224)
+    for a, b in zip(fused.forward_stages(x), model.forward_stages(x), strict=True):
+        _close(a, b)  # later stages' in-place updates must not touch earlier stage outputs
+    feats = fused.forward_features(x)
+    _close(feats, model.forward_features(x))
+    _close(fused.forward_head(feats, pre_logits=True), model.forward_head(model.forward_features(x), True))
+
+
+@torch.no_grad()
+def test_distilled_heads_fold_into_one():
+    model = _model(distillation=True)
+    fused = fuse(model)
+    x = _x(2, 3, 224, 224)
+    _close(fused(x), model(x))  # eval: mean of both heads
+    assert isinstance(fused.head, torch.nn.Linear)
+
+
+@torch.no_grad()
+def test_headless_and_other_classes():
+    for nc in (0, 10):
+        model = _model(num_classes=nc)
+        x = _x(2, 3, 224, 224)
+        out = fuse(model)(x)
+        assert out.shape == (2, nc if nc else model.num_features)
+        _close(out, model(x))
+
+
+@torch.no_grad()
+def test_source_untouched_input_untouched_no_grad():
+    model = _model().train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fused = fuse(model)
+    assert model.training and not fused.training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not any(p.requires_grad for p in fused.parameters())
+    x = _x(2, 3, 224, 224)
+    x_copy = x.clone()
+    fused(x)
+    assert torch.equal(x, x_copy)
+    x_cl = x.contiguous(memory_format=torch.channels_last)  # already the stem's layout: must be read only
+    fused(x_cl)
+    assert torch.equal(x_cl, x_copy)
+
+
+@torch.no_grad()
+def test_batch_dynamic_and_deterministic():
+    model = _model()
+    fused = fuse(model)
+    x = _x(3, 3, 224, 224)
+    full = fused(x)
+    _close(torch.cat([fused(x[i:i + 1]) for i in range(3)]), full)
+    assert torch.equal(fused(x), full)  # in-place buffers do not leak between calls
+
+
+def test_bad_inputs_are_explained():
+    fused = fuse(_model())
+    with pytest.raises(ValueError, match="input channels"):
+        fused(torch.randn(1, 1, 224, 224))
+    with pytest.raises(ValueError, match="fuse expects an EfficientVitMsra"):
+        fuse(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="stride-1 depthwise"):
+        fuse_conv_bn(ConvNorm(4, 8, 3, 1, 1), residual=True)
+
+
+# -- the individual rewrites --------------------------------------------------------------------------
+def _randomised(m: torch.nn.Module) -> torch.nn.Module:
+    return randomise_norms(m, seed=3).eval()
+
+
+@torch.no_grad()
+def test_conv_bn_and_bn_linear_folding():
+    cn = _randomised(ConvNorm(8, 16, 3, 2, 1))
+    x = _x(2, 8, 10, 10)
+    _close(fuse_conv_bn(cn)(x), cn(x))
+    nl = _randomised(NormLinear(16, 5))
+    v = _x(4, 16)
+    _close(fuse_bn_linear(nl)(v), nl(v))
+
+
+@torch.no_grad()
+def test_residual_depthwise_becomes_one_conv():
+    dw = _randomised(ConvNorm(8, 8, 3, 1, 1, groups=8))
+    x = _x(2, 8, 7, 5)
+    conv = fuse_conv_bn(dw, residual=True)
+    _close(conv(x), x + dw(x))  # +1 on the centre tap is exact at the zero-padded borders too
+
+
+@torch.no_grad()
+def test_dw_ffn_bias_shift():
+    dw = _randomised(ConvNorm(16, 16, 3, 1, 1, groups=16))
+    ffn = _randomised(ConvMlp(16, 32))
+    m = FusedDwFFN(dw, ffn)
+    x = _x(2, 16, 6, 6)
+    ref = Residual(ffn)(Residual(dw)(x))
+    out = m(x.permute(0, 2, 3, 1).contiguous())  # tokens in, tokens out
+    _close(out.permute(0, 3, 1, 2), ref)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("heads,kernels", [(4, (5, 5, 5, 5)), (3, (7, 5, 3)), (1, (3,))])
+def test_grouped_cascade_attention(heads, kernels):
+    cga = _randomised(CascadedGroupAttention(48, heads, 7, kernels))
+    fused = FusedCascadedAttention(cga)
+    # the scale folded into q, the bias a precomputed buffer
+    assert torch.equal(fused.bias, cga.attention_bias(7, 7))
+    x = _x(3, 48, 7, 7)
+    y = fused(x.permute(0, 2, 3, 1).contiguous())  # (B*N, C): ReLU'd concat of the heads
+    proj = fuse_conv_bn(cga.proj[1])
+    out = torch.nn.functional.linear(y, proj.weight.flatten(1), proj.bias)
+    _close(out.view(3, 7, 7, 48).permute(0, 3, 1, 2), cga(x))
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("hw", [(7, 7), (4, 6), (14, 14), (14, 21), (10, 9)])
+def test_window_attention_paths(hw):
+    model = _model("efficientvit_m0")
+    mixer = model.stages[0].blocks[0].mixer  # Residual(LocalWindowAttention), window 7, C 64
+    fused = FusedWindowAttention(mixer)
+    x = _x(2, 64, *hw)
+    out = fused(x.permute(0, 2, 3, 1).contiguous())
+    _close(out.permute(0, 3, 1, 2), mixer(x))
+
+
+# -- graph capture ------------------------------------------------------------------------------------
+@pytest.mark.slow
+@torch.no_grad()
+def test_trace_script_and_compile_graph():
+    model = _model("efficientvit_m1")
+    fused = fuse(model)
+    x = _x(2, 3, 224, 224)
+    ref = model(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # trace/script deprecation notes
+        traced = torch.jit.freeze(torch.jit.trace(fused, x))
+        scripted = torch.jit.script(fused)
+    _close(traced(x), ref)
+    _close(traced(x[:1]), ref[:1])  # batch is dynamic in the trace
+    _close(scripted(x), ref)
+    # dynamo captures the whole model in one graph (no breaks); eager backend keeps the test fast
+    compiled = torch.compile(fused, backend="eager", fullgraph=True)
+    _close(compiled(x), ref)
+
+
+def test_fused_type():
+    assert isinstance(fuse(_model()), FusedEfficientVit)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@torch.no_grad()
+def test_cuda_fp32_and_fp16_autocast():
+    model = _model().cuda()
+    fused = fuse(model)
+    x = _x(4, 3, 224, 224).cuda()
+    ref = model(x)
+    assert (fused(x) - ref).abs().max().item() <= 1e-3  # TF32 may be on for convs
+    with torch.autocast("cuda", dtype=torch.float16):
+        half = fused(x)
+    assert half.dtype == torch.float16
+    assert (half.float() - ref).abs().max().item() < 0.1 * ref.abs().max().item()
