@@ -144,12 +144,18 @@ def test_confidences():
         m = get_method(name)
         c = m.confidence(m.perfect_output(theta))
         assert c.shape == (2,) and (c > 0.98).all(), (name, c)
-    # binned: a flat output puts 31 of 360 bins near its peak; a 0/180 ambiguity halves the mass
+    # binned: mass within +-15 bins of the peak, chance-corrected: a flat output (31/360 there) is 0,
+    # a 0/180 ambiguity halves the mass; narrow windows shrink the neighbourhood so flat stays 0
     flat = torch.zeros(1, 360)
-    assert Classification().confidence(flat).item() == pytest.approx(31 / 360, rel=1e-4)
+    chance = 31 / 360
+    assert Classification().confidence(flat).item() == pytest.approx(0.0, abs=1e-6)
     two = torch.full((1, 360), -30.0)
     two[0, [0, 180]] = 0.0
-    assert Classification().confidence(two).item() == pytest.approx(0.5, abs=1e-3)
+    assert Classification().confidence(two).item() == pytest.approx((0.5 - chance) / (1 - chance), abs=1e-3)
+    for window in ((-45, 45), (-10, 10), (-2, 2)):
+        assert CircularGaussian().confidence(flat, window).item() == pytest.approx(0.0, abs=1e-6)
+    peaked = Classification().perfect_output(torch.tensor([3.0]))
+    assert Classification().confidence(peaked, (-10, 10)).item() > 0.99
     # vectors: an output hesitating between opposite angles is short, so low confidence
     uv, psc = get_method("uv"), get_method("psc")
     assert uv.confidence(0.3 * uv.perfect_output(theta)).tolist() == pytest.approx([0.3, 0.3], abs=1e-5)

@@ -19,8 +19,9 @@ Beyond the paper:
   (-45, 45)): binned heads mask the bins outside it, the continuous heads move an answer outside the
   window to the nearest end (the best in-window angle for a vector head, whose score cos(a - estimate)
   falls with the distance);
-- ``confidence(out)`` in [0, 1] for every head, see each class. DA has no uncertainty in its single
-  output and returns 1; ``RotationModel.predict`` replaces that by a flip-consistency check.
+- ``confidence(out)`` in [0, 1] for every head, see each class; 0 means no better than chance. DA has
+  no uncertainty in its single output and returns 1; ``RotationModel.predict`` replaces that by a
+  flip-consistency check.
 
 DA's head emits radians and the loss/decoder convert to degrees: a regression head starts with outputs
 of order 1, and asking it to span 0..360 in degrees would need a learning rate hundreds of times higher
@@ -186,10 +187,19 @@ class _Binned(RotationMethod):
         return clamp_to_window(torch.rad2deg(torch.atan2(vec[:, 1], vec[:, 0])), window)
 
     def confidence(self, output, window=None):
-        # Probability mass within +-15 degrees of the peak: the chance the answer is roughly right.
-        # A 90 or 180 degree ambiguity splits the mass and shows up here.
+        # Probability mass within +-k bins of the peak (k = 15, fewer in a narrow window), corrected for
+        # chance: 0 for a flat output, 1 when all mass is near the peak. A 90 or 180 degree ambiguity
+        # splits the mass and shows up here.
         probs = self._log_probs(output, window).exp()
-        return self._local(probs)[2].sum(dim=1).clamp(0.0, 1.0)
+        n = int(torch.isfinite(self._log_probs(output[:1], window)).sum())  # bins inside the window
+        k = max(0, min(LOCAL_BINS, (n - 1) // 6))
+        peak = probs.argmax(dim=-1)
+        steps = torch.arange(-k, k + 1, device=probs.device)
+        mass = probs.gather(1, torch.remainder(peak[:, None] + steps, NUM_BINS)).sum(dim=1)
+        chance = (2 * k + 1) / n
+        if chance >= 1.0:
+            return torch.ones_like(mass)  # a one-bin window leaves nothing to doubt
+        return ((mass - chance) / (1.0 - chance)).clamp(0.0, 1.0)
 
 
 class Classification(_Binned):
