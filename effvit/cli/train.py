@@ -1,0 +1,120 @@
+"""``effvit train``: the official recipe (configs/), fine-tuning, torchrun, exact resume.
+
+    effvit train --config efficientvit_m0 --data /imagenet
+    effvit train --config fashion_mnist_m0 sched.epochs=5 data.batch_size=128
+    effvit train --config fashion_mnist_m0 --resume runs/NAME/last.pth
+    effvit train --config efficientvit_m0 --data ./flowers --finetune m0.pth --img-size 160 --freeze-bn
+    torchrun --nproc_per_node=8 -m effvit train --config efficientvit_m4 --data /imagenet
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+SHORTCUTS = {  # flag -> config key; each flag is a shorthand for the override section.key=value
+    "model": "model.name", "data": "data.root", "dataset": "data.dataset", "epochs": "sched.epochs",
+    "batch_size": "data.batch_size", "lr": "optim.lr", "img_size": "model.img_size",
+    "num_classes": "model.num_classes", "in_chans": "model.in_chans", "finetune": "model.finetune",
+    "pretrained": "model.pretrained", "output": "run.output", "name": "run.name", "amp": "run.amp",
+    "device": "run.device", "seed": "run.seed", "workers": "data.num_workers", "teacher": "distill.teacher",
+    "teacher_checkpoint": "distill.teacher_checkpoint",
+}
+FLAGS = {"freeze_bn": "model.freeze_bn", "strict": "data.strict", "tensorboard": "run.tensorboard",
+         "deterministic": "run.deterministic", "no_progress": "run.progress"}
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train or fine-tune a model (YAML config + overrides; torchrun for DDP)",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("overrides", nargs="*", metavar="section.key=value",
+                   help="config overrides, e.g. optim.base_lr=2e-3 aug.mixup=0 sched.warmup_epochs=1")
+    p.add_argument("-c", "--config", help="YAML file or shipped config name (see --list-configs); "
+                   "default: the official ImageNet recipe for --model")
+    p.add_argument("--list-configs", action="store_true", help="print the shipped configs and exit")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--resume", metavar="CKPT", help="continue the run of this last.pth exactly (its "
+                   "config is used; overrides still apply)")
+    p.add_argument("--model", help="variant, e.g. efficientvit_m0")
+    p.add_argument("--data", metavar="DIR", help="data root: DIR/train/<class>/*, DIR/val/<class>/*")
+    p.add_argument("--dataset", choices=["folder", "fashion_mnist"])
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int, help="per process")
+    p.add_argument("--lr", type=float, help="absolute learning rate (default: scaled from optim.base_lr)")
+    p.add_argument("--img-size", type=int)
+    p.add_argument("--in-chans", type=int)
+    p.add_argument("--num-classes", type=int)
+    p.add_argument("--finetune", metavar="CKPT", help="start from these weights: head re-created for the "
+                   "data's classes, bias tables resized to --img-size")
+    p.add_argument("--pretrained", metavar="CKPT", help="start from these weights (same classes and size)")
+    p.add_argument("--freeze-bn", action="store_true", help="keep BatchNorm statistics fixed (small data)")
+    p.add_argument("--teacher", help="distillation teacher: effvit or timm model name")
+    p.add_argument("--teacher-checkpoint", metavar="CKPT")
+    p.add_argument("--output", metavar="DIR", help="runs folder (default runs/)")
+    p.add_argument("--name", help="run folder name under --output")
+    p.add_argument("--amp", choices=["none", "bf16", "fp16"])
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:1")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--workers", type=int, help="data loader processes per training process")
+    p.add_argument("--strict", action="store_true", help="stop at the first undecodable image")
+    p.add_argument("--tensorboard", action="store_true")
+    p.add_argument("--deterministic", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+
+
+def resolve_config(args: argparse.Namespace):
+    """Shipped/file config (or the resumed run's) <- flags <- KEY=VALUE overrides."""
+    from effvit.train import load_config
+    from effvit.train.checkpoint import load_training_state
+
+    overrides = []
+    for attr, key in SHORTCUTS.items():
+        v = getattr(args, attr, None)
+        if v is not None:
+            overrides.append(f"{key}={v}")
+    for attr, key in FLAGS.items():
+        if getattr(args, attr, False):
+            overrides.append(f"{key}={'false' if attr == 'no_progress' else 'true'}")
+    overrides += list(args.overrides)
+    base = None
+    if args.resume and not args.config:
+        base = load_training_state(args.resume).get("config")
+    config = args.config
+    if config is None and base is None:
+        config = (args.model or "efficientvit_m0").removeprefix("efficientvit_")
+        config = f"efficientvit_{config}"
+    return load_config(config, overrides, base=base)
+
+
+def run(args: argparse.Namespace) -> int:
+    from effvit.train import (
+        NonFiniteLossError,
+        build_classification_task,
+        init_distributed,
+        seed_everything,
+        train,
+    )
+    from effvit.train.config import packaged_configs
+    from effvit.train.distributed import cleanup
+
+    if args.list_configs:
+        print("\n".join(packaged_configs()))
+        return 0
+    cfg = resolve_config(args)
+    if args.print_config:
+        print(cfg.to_yaml(), end="")
+        return 0
+    ctx = init_distributed(cfg.run.device)
+    try:
+        seed_everything(cfg.run.seed)  # identical model init on every rank
+        task = build_classification_task(cfg, log=print if ctx.is_main else (lambda *_: None))
+        result = train(task, cfg, resume=args.resume, ctx=ctx)
+    except NonFiniteLossError as e:
+        print(f"effvit train: error: {e}", file=sys.stderr)
+        return 3
+    finally:
+        cleanup()
+    if ctx.is_main:
+        print(f"done: {result.output_dir} (last.pth, best.pth, log.csv, curves.png)")
+    return 0

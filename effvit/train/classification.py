@@ -1,0 +1,185 @@
+"""Image classification: the default task, and how the config turns into one (data, model, criterion).
+
+Everything label-specific lives here: mixup / cutmix, label smoothing, distillation, top-k metrics and
+the confusion matrix. The engine only sees the ``Task`` contract.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import Config
+from .data import (
+    FASHION_MNIST_MEAN,
+    FASHION_MNIST_STD,
+    FashionMNIST,
+    ImageFolder,
+    build_transform,
+    check_same_classes,
+    find_classes,
+)
+from .distill import DistillationLoss, build_teacher
+from .metrics import classification_stats, summarize_classification
+from .task import Task
+
+
+class ClassificationTask(Task):
+    """Cross-entropy classification with optional mixup/cutmix, label smoothing and a teacher."""
+
+    best_metric = "top1"
+    best_mode = "max"
+
+    def __init__(self, model: nn.Module, train_dataset, val_dataset=None, *, num_classes: int,
+                 class_names: list[str] | None = None, mixup=None, smoothing: float = 0.0,
+                 teacher: nn.Module | None = None, distill_kind: str = "hard", distill_alpha: float = 0.5,
+                 distill_tau: float = 1.0, teacher_img_size: int | None = None, meta: dict | None = None):
+        meta = {"task": "classification", "num_classes": num_classes, "class_names": class_names,
+                **(meta or {})}
+        super().__init__(model, train_dataset, val_dataset, meta=meta)
+        self.num_classes = num_classes
+        self.class_names = class_names
+        self.mixup = mixup
+        self.teacher = teacher
+        self.teacher_img_size = teacher_img_size
+        if mixup is not None:
+            from timm.loss import SoftTargetCrossEntropy
+
+            criterion: nn.Module = SoftTargetCrossEntropy()  # mixup already smoothed the targets
+        elif smoothing > 0:
+            from timm.loss import LabelSmoothingCrossEntropy
+
+            criterion = LabelSmoothingCrossEntropy(smoothing)
+        else:
+            criterion = nn.CrossEntropyLoss()
+        self.criterion = (DistillationLoss(criterion, distill_kind, distill_alpha, distill_tau)
+                          if teacher is not None else criterion)
+
+    def prepare(self, device: torch.device) -> None:
+        if self.teacher is not None:
+            self.teacher.to(device)
+
+    def train_batch(self, inputs: torch.Tensor, targets: Any):
+        if self.mixup is not None:
+            if inputs.shape[0] % 2:  # timm's batch mixup pairs samples; a skipped image made it odd
+                inputs, targets = inputs[:-1], targets[:-1]
+            inputs, targets = self.mixup(inputs, targets)
+        if self.teacher is not None:
+            with torch.no_grad():
+                t_in = inputs
+                if self.teacher_img_size and self.teacher_img_size != inputs.shape[-1]:
+                    t_in = F.interpolate(inputs, size=self.teacher_img_size, mode="bicubic",
+                                         align_corners=False)
+                targets = (targets, self.teacher(t_in))
+        return inputs, targets
+
+    def loss(self, outputs: Any, targets: Any) -> torch.Tensor:
+        if self.teacher is None and isinstance(outputs, (tuple, list)):
+            outputs = (outputs[0] + outputs[1]) / 2  # a distillation head trained without a teacher
+        return self.criterion(outputs, targets)
+
+    def eval_stats(self, outputs: Any, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+        if isinstance(outputs, (tuple, list)):
+            outputs = (outputs[0] + outputs[1]) / 2
+        return classification_stats(outputs, targets, self.num_classes)
+
+    def summarize(self, stats: dict[str, torch.Tensor]) -> dict[str, float]:
+        return summarize_classification(stats)
+
+
+# -- from a config ---------------------------------------------------------------------------------
+def image_mode(in_chans: int) -> str:
+    if in_chans not in (1, 3):
+        raise ValueError(f"image data needs model.in_chans 1 (grey) or 3 (RGB), got {in_chans}")
+    return "L" if in_chans == 1 else "RGB"
+
+
+def build_datasets(cfg: Config, train: bool = True, val: bool = True):
+    """(train_dataset, val_dataset, class_names) for ``cfg.data``, with the transforms of ``cfg.aug``."""
+    d, m = cfg.data, cfg.model
+    mode = image_mode(m.in_chans)
+    train_tf = build_transform(cfg.aug, m.img_size, m.in_chans, is_training=True)
+    eval_tf = build_transform(cfg.aug, m.img_size, m.in_chans, is_training=False)
+    if d.dataset == "fashion_mnist":
+        tr = FashionMNIST(d.root, train=True, transform=train_tf, mode=mode) if train else None
+        va = FashionMNIST(d.root, train=False, transform=eval_tf, mode=mode) if val else None
+        return tr, va, list(FashionMNIST.classes)
+    if d.dataset != "folder":
+        raise ValueError(f"data.dataset must be 'folder' or 'fashion_mnist', got {d.dataset!r}")
+    if not d.root:
+        raise ValueError("no data folder given: pass --data DIR (ImageNet layout: DIR/train/<class>/*.jpg, "
+                         "DIR/val/<class>/*.jpg) or use data.dataset=fashion_mnist")
+    root = Path(d.root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"data folder {root} does not exist (or is not a folder); expected the "
+                                f"ImageNet layout {root}/{d.train_split}/<class>/*.jpg and "
+                                f"{root}/{d.val_split}/<class>/*.jpg")
+    train_dir, val_dir = root / d.train_split, root / d.val_split
+    classes = find_classes(train_dir if train else val_dir)
+    if train and val:
+        check_same_classes(classes, find_classes(val_dir), train_dir, val_dir)
+    tr = ImageFolder(train_dir, classes, transform=train_tf, mode=mode) if train else None
+    va = ImageFolder(val_dir, classes, transform=eval_tf, mode=mode) if val else None
+    return tr, va, classes
+
+
+def data_defaults(cfg: Config) -> None:
+    """Fashion-MNIST's own statistics unless the config gave others than ImageNet's."""
+    if cfg.data.dataset == "fashion_mnist" and tuple(cfg.aug.mean) == (0.485, 0.456, 0.406):
+        cfg.aug.mean, cfg.aug.std = (FASHION_MNIST_MEAN,), (FASHION_MNIST_STD,)
+
+
+def build_model(cfg: Config, num_classes: int, log=print) -> nn.Module:
+    """The student: fresh, from ``pretrained`` (same head and size) or ``finetune`` (head re-created,
+    bias tables resized, first conv adapted to other input channels)."""
+    from effvit.models import create_model
+    from effvit.models.weights import fit_state_dict, read_checkpoint
+
+    m = cfg.model
+    distill = cfg.distill.teacher is not None and cfg.distill.type != "none"
+    model = create_model(m.name, num_classes=num_classes, img_size=m.img_size, in_chans=m.in_chans,
+                         distillation=distill, pretrained=m.pretrained or False)
+    if m.finetune:
+        sd, meta = read_checkpoint(m.finetune)
+        sd = fit_state_dict(model, sd, strict_head=False, source=m.finetune)
+        model.load_state_dict(sd, strict=False)
+        src_classes = meta.get("num_classes")
+        log(f"fine-tuning from {m.finetune} ({meta.get('arch', 'weights')}, {src_classes or '?'} classes, "
+            f"{meta.get('img_size') or '?'} px) -> {num_classes} classes at {m.img_size} px"
+            + ("; head re-created" if src_classes != num_classes else ""))
+    return model
+
+
+def build_classification_task(cfg: Config, log=print) -> ClassificationTask:
+    """Datasets, model, criterion and metrics for ``cfg`` (see configs/*.yaml)."""
+    data_defaults(cfg)
+    train_ds, val_ds, classes = build_datasets(cfg)
+    num_classes = cfg.model.num_classes or len(classes)
+    if num_classes != len(classes):
+        raise ValueError(f"model.num_classes={num_classes} but the data has {len(classes)} classes "
+                         f"({', '.join(classes[:5])}...); drop the setting to follow the data")
+    model = build_model(cfg, num_classes, log)
+    a = cfg.aug
+    mixup = None
+    if a.mixup > 0 or a.cutmix > 0:
+        from timm.data import Mixup
+
+        mixup = Mixup(mixup_alpha=a.mixup, cutmix_alpha=a.cutmix, prob=a.mixup_prob,
+                      switch_prob=a.mixup_switch_prob, mode=a.mixup_mode, label_smoothing=a.smoothing,
+                      num_classes=num_classes)
+    teacher = None
+    dc = cfg.distill
+    if dc.teacher and dc.type != "none":
+        teacher = build_teacher(dc.teacher, dc.teacher_checkpoint, num_classes, cfg.model.in_chans,
+                                dc.teacher_img_size or cfg.model.img_size)
+    meta = {"dataset": cfg.data.dataset, "img_size": cfg.model.img_size, "in_chans": cfg.model.in_chans,
+            "mean": list(a.mean), "std": list(a.std), "interpolation": a.interpolation,
+            "crop_pct": a.crop_pct}
+    return ClassificationTask(model, train_ds, val_ds, num_classes=num_classes, class_names=list(classes),
+                              mixup=mixup, smoothing=a.smoothing, teacher=teacher, distill_kind=dc.type,
+                              distill_alpha=dc.alpha, distill_tau=dc.tau,
+                              teacher_img_size=dc.teacher_img_size, meta=meta)

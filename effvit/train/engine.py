@@ -1,0 +1,415 @@
+"""The training engine: one loop for every task (see ``effvit.train.task.Task``).
+
+``train(task, cfg)`` runs epochs of ``train_one_epoch`` + ``evaluate`` with the optimizer, schedule,
+clipping, EMA and mixed precision of ``cfg`` (timm's factories), under DDP when launched by torchrun,
+writing ``last.pth`` / ``best.pth`` atomically every epoch, and resumes from ``last.pth`` exactly. A
+non-finite loss stops the run (on every rank at the same step) with the last good checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import distributed as du
+from .checkpoint import (
+    capture_rng,
+    check_same_arch,
+    copy_atomic,
+    load_training_state,
+    restore_rng,
+    save_atomic,
+    training_state,
+)
+from .config import Config
+from .data import build_loader, build_train_sampler
+from .distributed import DistContext
+from .logger import RunLogger, plot_curves
+from .task import Task, batch_size_of, to_device
+
+AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or infinite; the run stopped without writing a checkpoint for that epoch."""
+
+
+@dataclass
+class EvalResult:
+    metrics: dict[str, float]
+    stats: dict[str, torch.Tensor]  # the summed statistics (on CPU), e.g. a confusion matrix
+    skipped: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    history: list[dict]
+    best: dict | None
+    last_checkpoint: Path
+    best_checkpoint: Path
+
+
+# -- set-up helpers --------------------------------------------------------------------------------
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def configure_determinism(enabled: bool) -> None:
+    """Deterministic kernels where PyTorch has them (bit-exact resume tests; slower on GPU)."""
+    if enabled:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    else:
+        torch.backends.cudnn.benchmark = True
+
+
+def autocast(device: torch.device, amp: str):
+    dtype = AMP_DTYPES.get(amp, "bad")
+    if dtype == "bad":
+        raise ValueError(f"run.amp must be one of {list(AMP_DTYPES)}, got {amp!r}")
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def freeze_bn_stats(model: nn.Module) -> None:
+    """BatchNorm layers to eval mode: running statistics are used and left untouched (small data)."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
+def unpack_batch(batch: Any) -> tuple[Any, Any, list[str]]:
+    if len(batch) == 3:
+        return batch[0], batch[1], list(batch[2])
+    return batch[0], batch[1], []
+
+
+def report_skipped(names: list[str], strict: bool, ctx: DistContext) -> None:
+    if not names:
+        return
+    if strict:
+        raise ValueError(f"cannot decode image {names[0]}; fix or remove the file, or drop --strict "
+                         "(data.strict=false) to skip unreadable images and count them")
+    rank = f"[rank {ctx.rank}] " if ctx.distributed else ""
+    for n in names:
+        tqdm.write(f"{rank}warning: skipped unreadable image {n}")
+
+
+def build_optimizer(model: nn.Module, cfg: Config, global_batch: int):
+    """AdamW (or any timm optimizer) at lr = base_lr * global_batch / lr_base_size unless optim.lr is
+    set; no weight decay on 1-D parameters and on ``model.no_weight_decay()`` (the bias tables)."""
+    from timm.optim import create_optimizer_v2
+
+    o = cfg.optim
+    lr = o.lr if o.lr is not None else o.base_lr * global_batch / o.lr_base_size
+    kwargs: dict[str, Any] = {"eps": o.eps, "betas": tuple(o.betas)} if "adam" in o.opt.lower() else {}
+    return create_optimizer_v2(model, opt=o.opt, lr=lr, weight_decay=o.weight_decay, momentum=o.momentum,
+                               **kwargs)
+
+
+def build_scheduler(optimizer, cfg: Config, updates_per_epoch: int):
+    from timm.scheduler import create_scheduler_v2
+
+    s = cfg.sched
+    return create_scheduler_v2(optimizer, sched=s.sched, num_epochs=s.epochs, warmup_epochs=s.warmup_epochs,
+                               warmup_lr=s.warmup_lr, min_lr=s.min_lr, cooldown_epochs=s.cooldown_epochs,
+                               step_on_epochs=s.step_on_epochs, updates_per_epoch=updates_per_epoch)
+
+
+# -- one optimisation step -------------------------------------------------------------------------
+def train_step(model: nn.Module, task: Task, inputs: torch.Tensor, targets: Any, optimizer, *,
+               device: torch.device, amp: str = "none", scaler=None, clip_grad: float | None = None,
+               clip_mode: str = "agc", clip_params=None) -> torch.Tensor:
+    """Forward (task.train_batch, model, task.loss), backward, clip, step. Returns the loss (detached);
+    raises NonFiniteLossError when it is NaN or inf on any rank (all ranks stop at the same step)."""
+    from timm.utils import dispatch_clip_grad
+
+    with autocast(device, amp):
+        inputs, targets = task.train_batch(inputs, targets)
+        outputs = model(inputs)
+        loss = task.loss(outputs, targets)
+    if du.any_rank(not bool(torch.isfinite(loss.detach()).all()), device):
+        raise NonFiniteLossError(f"the loss is {loss.item()} on this rank" if not torch.isfinite(loss).all()
+                                 else "the loss is not finite on another rank")
+    optimizer.zero_grad(set_to_none=True)
+    params = clip_params if clip_params is not None else [p for p in model.parameters() if p.requires_grad]
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        if clip_grad:
+            scaler.unscale_(optimizer)
+            dispatch_clip_grad(params, value=clip_grad, mode=clip_mode)
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        if clip_grad:
+            dispatch_clip_grad(params, value=clip_grad, mode=clip_mode)
+        optimizer.step()
+    return loss.detach()
+
+
+def train_one_epoch(model: nn.Module, task: Task, loader, optimizer, *, epoch: int, cfg: Config,
+                    ctx: DistContext, scheduler=None, scaler=None, ema=None,
+                    raw_model: nn.Module | None = None, logger: RunLogger | None = None) -> dict[str, float]:
+    raw_model = raw_model or model
+    model.train()
+    if cfg.model.freeze_bn:
+        freeze_bn_stats(model)
+    clip_params = [p for p in raw_model.parameters() if p.requires_grad]
+    steps = len(loader)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=ctx.device)
+    seen = torch.zeros((), dtype=torch.float64, device=ctx.device)
+    skipped = 0
+    bar = tqdm(loader, total=steps, desc=f"epoch {epoch + 1}/{cfg.sched.epochs}", leave=False,
+               dynamic_ncols=True, disable=not (ctx.is_main and cfg.run.progress), unit="batch")
+    t0 = time.perf_counter()
+    for i, batch in enumerate(bar):
+        inputs, targets, bad = unpack_batch(batch)
+        report_skipped(bad, cfg.data.strict, ctx)
+        skipped += len(bad)
+        if batch_size_of(targets) == 0:
+            continue
+        inputs, targets = to_device(inputs, ctx.device), to_device(targets, ctx.device)
+        if cfg.model.channels_last:
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        num_updates = epoch * steps + i
+        try:
+            loss = train_step(model, task, inputs, targets, optimizer, device=ctx.device, amp=cfg.run.amp,
+                              scaler=scaler, clip_grad=cfg.optim.clip_grad, clip_mode=cfg.optim.clip_mode,
+                              clip_params=clip_params)
+        except NonFiniteLossError as e:
+            raise NonFiniteLossError(f"non-finite loss at epoch {epoch + 1}, step {i + 1}/{steps}: "
+                                     f"{e}") from None
+        n = inputs.shape[0]
+        loss_sum += loss.double() * n
+        seen += n
+        if scheduler is not None:
+            scheduler.step_update(num_updates=num_updates + 1)
+        if ema is not None:
+            ema.update(raw_model, step=num_updates + 1)
+        if (i + 1) % cfg.run.log_interval == 0 or i + 1 == steps:
+            lr = optimizer.param_groups[0]["lr"]
+            bar.set_postfix(loss=f"{float(loss):.4f}", lr=f"{lr:.2e}")
+            if logger is not None:
+                logger.scalars({"loss": float(loss), "lr": lr}, num_updates + 1, prefix="train/")
+    elapsed = time.perf_counter() - t0
+    counts = du.all_reduce_sum(torch.stack([loss_sum, seen, torch.tensor(float(skipped), dtype=torch.float64,
+                                                                        device=ctx.device)]))
+    return {"train_loss": float(counts[0] / counts[1].clamp(min=1)),
+            "lr": optimizer.param_groups[0]["lr"],
+            "train_img_s": float(counts[1]) / elapsed,
+            "train_time_s": elapsed,
+            "skipped": int(counts[2])}
+
+
+# -- evaluation ------------------------------------------------------------------------------------
+def _reduce_stats(totals: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """Sum each statistic over ranks; a rank that saw no batch contributes zeros of the right shape."""
+    mine = {k: (tuple(v.shape), str(v.dtype).split(".")[-1]) for k, v in totals.items()}
+    specs = du.all_gather_object(mine)
+    spec = next((s for s in specs if s), {})
+    out = {}
+    for k in sorted(spec):
+        shape, dtype = spec[k]
+        t = totals[k] if k in totals else torch.zeros(shape, dtype=getattr(torch, dtype), device=device)
+        out[k] = du.all_reduce_sum(t.to(device)).cpu()
+    return out
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, task: Task, *, ctx: DistContext | None = None, amp: str = "none",
+             strict: bool = False, channels_last: bool = False, progress: bool = True,
+             desc: str = "eval") -> EvalResult:
+    """Metrics of ``model`` over ``loader`` (summed over batches and ranks, then ``task.summarize``)."""
+    ctx = ctx or DistContext(device=next(model.parameters()).device)
+    was_training = model.training
+    model.eval()
+    totals: dict[str, torch.Tensor] = {}
+    skipped: list[str] = []
+    for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, unit="batch",
+                      disable=not (ctx.is_main and progress)):
+        inputs, targets, bad = unpack_batch(batch)
+        report_skipped(bad, strict, ctx)
+        skipped += bad
+        if batch_size_of(targets) == 0:
+            continue
+        inputs, targets = to_device(inputs, ctx.device), to_device(targets, ctx.device)
+        if channels_last:
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        with autocast(ctx.device, amp):
+            outputs = model(inputs)
+        for k, v in task.eval_stats(outputs, targets).items():
+            v = v.detach().to(ctx.device)
+            totals[k] = totals[k] + v if k in totals else v.clone()
+    stats = _reduce_stats(totals, ctx.device)
+    model.train(was_training)
+    if not stats:
+        raise ValueError("the evaluation data yielded no readable sample")
+    return EvalResult(task.summarize(stats), stats, skipped)
+
+
+# -- the run ---------------------------------------------------------------------------------------
+def default_run_name(cfg: Config) -> str:
+    model = cfg.model.name.removeprefix("efficientvit_")
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{model}-{cfg.data.dataset}"
+
+
+def _better(value: float, best: float | None, mode: str) -> bool:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return False
+    return best is None or (value > best if mode == "max" else value < best)
+
+
+def train(task: Task, cfg: Config, *, output_dir: str | Path | None = None, resume: str | Path | None = None,
+          ctx: DistContext | None = None) -> TrainResult:
+    """Train ``task.model`` on ``task.train_dataset`` as ``cfg`` says; see the module docstring.
+
+    ``output_dir``: where logs and checkpoints go (default ``cfg.run.output / cfg.run.name``, or the
+    folder of ``resume``). ``resume``: a ``last.pth`` to continue from (model, EMA, optimizer, schedule,
+    scaler, RNG states, history). ``ctx``: the process group (default: from torchrun's environment).
+    """
+    ctx = ctx or du.init_distributed(cfg.run.device)
+    r = cfg.run
+    if r.threads:
+        torch.set_num_threads(r.threads)
+    configure_determinism(r.deterministic)
+    if output_dir is None:
+        output_dir = Path(resume).parent if resume else Path(r.output) / (r.name or default_run_name(cfg))
+    out = Path(du.broadcast_object(str(output_dir)))
+    logger = RunLogger(out, enabled=ctx.is_main, tensorboard=r.tensorboard)
+    seed_everything(r.seed + ctx.rank)  # ranks augment differently; DDP syncs the initial weights
+
+    model = task.model.to(ctx.device)
+    if cfg.model.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    task.prepare(ctx.device)
+    d = cfg.data
+    sampler = build_train_sampler(task.train_dataset, ctx, r.seed, d.repeated_aug, d.train_fraction,
+                                  record=out / f"samples_rank{ctx.rank}.txt" if r.sample_log else None)
+    loader_kw = dict(ctx=ctx, num_workers=d.num_workers, pin_memory=d.pin_memory, collate_fn=task.collate_fn)
+    train_loader = build_loader(task.train_dataset, d.batch_size, sampler=sampler, train=True, **loader_kw)
+    val_loader = None
+    if task.val_dataset is not None:
+        val_loader = build_loader(task.val_dataset, d.val_batch_size or 2 * d.batch_size, **loader_kw)
+    if len(train_loader) == 0:
+        raise ValueError("the training data gives no batch: it is empty or smaller than one per rank")
+    global_batch = d.batch_size * ctx.world_size
+    optimizer = build_optimizer(model, cfg, global_batch)
+    scheduler, num_epochs = build_scheduler(optimizer, cfg, len(train_loader))
+    scaler = torch.amp.GradScaler(ctx.device.type) if r.amp == "fp16" else None
+    ema = None
+    if cfg.ema.enabled:
+        from timm.utils import ModelEmaV3
+
+        ema = ModelEmaV3(model, decay=cfg.ema.decay, use_warmup=cfg.ema.warmup)
+
+    start_epoch, history, best = 0, [], None
+    if resume:
+        state = load_training_state(resume)
+        check_same_arch(state.get("meta", {}), model, str(resume))
+        try:
+            model.load_state_dict(state["state_dict"])
+        except RuntimeError as e:
+            raise ValueError(f"{resume} does not fit the model built from the config: {e}") from e
+        optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None and state.get("scheduler"):
+            scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        if ema is not None and state.get("ema"):
+            ema.module.load_state_dict(state["ema"])
+        start_epoch, history, best = int(state["epoch"]), list(state.get("history") or []), state.get("best")
+        rng = state.get("rng") or []
+        if len(rng) == ctx.world_size:
+            restore_rng(rng[ctx.rank])
+        else:
+            logger.info(f"note: {resume} was written by {len(rng)} processes, this run has {ctx.world_size}: "
+                        "the random streams restart (results will differ from an uninterrupted run)")
+        logger.info(f"resumed from {resume} after epoch {start_epoch}/{num_epochs}")
+
+    train_model: nn.Module = model
+    if ctx.distributed:
+        train_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[ctx.device] if ctx.device.type == "cuda" else None)
+
+    if ctx.is_main:
+        (out / "config.yaml").write_text(cfg.to_yaml())
+    n_params = sum(p.numel() for p in model.parameters())
+    logger.info(f"{type(model).__name__} {getattr(model, 'variant', '')} ({n_params / 1e6:.3f}M params) on "
+                f"{ctx.world_size} x {ctx.device.type}; {len(task.train_dataset)} training samples, "
+                f"{len(task.val_dataset) if task.val_dataset is not None else 0} validation; batch "
+                f"{d.batch_size} x {ctx.world_size}, lr {optimizer.param_groups[0]['lr']:.3g} -> schedule "
+                f"{cfg.sched.sched}, {num_epochs} epochs, amp {r.amp}; output {out}")
+
+    last_path, best_path = out / "last.pth", out / "best.pth"
+    key = f"val_{task.best_metric}"
+    stop_at = num_epochs if r.stop_after is None else min(num_epochs, start_epoch + r.stop_after)
+    epochs_bar = tqdm(range(start_epoch, stop_at), desc="training", dynamic_ncols=True, unit="epoch",
+                      disable=not (ctx.is_main and r.progress), initial=start_epoch, total=num_epochs)
+    for epoch in epochs_bar:
+        sampler.set_epoch(epoch)
+        try:
+            row = train_one_epoch(train_model, task, train_loader, optimizer, epoch=epoch, cfg=cfg, ctx=ctx,
+                                  scheduler=scheduler, scaler=scaler, ema=ema, raw_model=model, logger=logger)
+        except NonFiniteLossError as e:
+            done = history[-1]["epoch"] if history else start_epoch
+            good = (f"the last good checkpoint is {last_path} (epoch {done})" if last_path.exists()
+                    else "no checkpoint was written yet")
+            msg = (f"{e}. Training stopped; {good}. Lower the learning rate (optim.lr / optim.base_lr), keep "
+                   "gradient clipping on (optim.clip_grad), or use run.amp=bf16 instead of fp16")
+            logger.info(f"error: {msg}")
+            raise NonFiniteLossError(msg) from None
+        if scheduler is not None:
+            scheduler.step(epoch + 1)
+        row = {"epoch": epoch + 1, **row}
+        last_epoch = epoch + 1 == num_epochs
+        if val_loader is not None and ((epoch + 1) % r.eval_every == 0 or last_epoch or epoch + 1 == stop_at):
+            res = evaluate(model, val_loader, task, ctx=ctx, amp=r.amp, strict=d.strict,
+                           channels_last=cfg.model.channels_last, progress=r.progress, desc="eval")
+            row.update({f"val_{k}": v for k, v in res.metrics.items()})
+            if ema is not None and cfg.ema.evaluate:
+                res = evaluate(ema.module, val_loader, task, ctx=ctx, amp=r.amp, strict=d.strict,
+                               channels_last=cfg.model.channels_last, progress=r.progress, desc="eval ema")
+                row.update({f"ema_{k}": v for k, v in res.metrics.items()})
+        history.append(row)
+        is_best = val_loader is None or _better(row.get(key), best["value"] if best else None, task.best_mode)
+        if is_best:
+            best = {"epoch": epoch + 1, "metric": key, "value": row.get(key)}
+        logger.epoch(history)
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in row.items() if isinstance(v, float) and k != "lr")
+        logger.info(f"epoch {epoch + 1}/{num_epochs}: {shown}")
+        epochs_bar.set_postfix({key: f"{row[key]:.4g}"} if key in row else {})
+        rng = du.all_gather_object(capture_rng())
+        if ctx.is_main:
+            state = training_state(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                                   ema=ema, epoch=epoch + 1, rng=rng, config=cfg.to_dict(), meta=task.meta,
+                                   history=history, best=best)
+            save_atomic(state, last_path)
+            if is_best:
+                copy_atomic(last_path, best_path)
+        du.barrier()
+    epochs_bar.close()
+    if ctx.is_main and history:
+        plot_curves(history, out / "curves.png", metric=task.best_metric)
+        if best and best.get("value") is not None:
+            logger.info(f"best {best['metric']} {best['value']:.4g} at epoch {best['epoch']}; "
+                        f"checkpoints {last_path}, {best_path}")
+    logger.close()
+    return TrainResult(out, history, best, last_path, best_path)
