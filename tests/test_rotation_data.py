@@ -16,7 +16,6 @@ from effvit.rotation.data import (
     fashion_mnist,
     list_images,
     load_upright,
-    read_idx,
     to_input,
 )
 
@@ -57,25 +56,37 @@ def test_folder_images_lists_recursively_and_caches(tmp_path):
     assert len(src) == 2 and src.names[0].endswith("b.png")
     assert src[1] is src[1]  # cached
     assert list_images(tmp_path / "b.png") == [tmp_path / "b.png"]
-    with pytest.raises(FileNotFoundError, match="no such file"):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
         list_images(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no images"):
         FolderImages.from_roots(tmp_path / "empty")
 
 
-def test_read_idx_and_fashion_mnist_errors(tmp_path):
-    arr = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
-    raw = struct.pack(">BBBB", 0, 0, 8, 3) + struct.pack(">III", 2, 3, 4) + arr.tobytes()
-    (tmp_path / "x-idx3-ubyte.gz").write_bytes(gzip.compress(raw))
-    assert (read_idx(tmp_path / "x-idx3-ubyte.gz") == arr).all()
-    (tmp_path / "bad").write_bytes(raw[:-3])
-    with pytest.raises(ValueError, match="truncated"):
-        read_idx(tmp_path / "bad")
+def test_fashion_mnist_source(tmp_path):
+    arr = np.arange(2 * 28 * 28, dtype=np.uint8).reshape(2, 28, 28)
+    head = struct.pack(">BBBB", 0, 0, 8, 3) + struct.pack(">III", 2, 28, 28)
+    (tmp_path / "t10k-images-idx3-ubyte.gz").write_bytes(gzip.compress(head + arr.tobytes()))
+    labels = struct.pack(">BBBB", 0, 0, 8, 1) + struct.pack(">I", 2) + bytes([3, 7])
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(labels))
+    src = fashion_mnist("test", root=tmp_path)
+    assert len(src) == 2 and src[1].size == (40, 40) and src.names[1] == "fashion-mnist-test-1"
+    assert np.array_equal(np.asarray(src[1])[6:34, 6:34], arr[1])
     with pytest.raises(FileNotFoundError, match="dataset-fashion-mnist"):
         fashion_mnist("train", root=tmp_path)
     with pytest.raises(ValueError, match="split"):
         fashion_mnist("val", root=tmp_path)
+
+
+def test_unreadable_file_becomes_a_marker(tmp_path):
+    from effvit.train.data import Unreadable
+
+    Image.new("RGB", (30, 20)).save(tmp_path / "a.png")
+    (tmp_path / "b.jpg").write_bytes(b"broken")
+    ds = RotatedImages(FolderImages.from_roots(tmp_path), 16, MEAN, STD, seed=0)
+    assert isinstance(ds[0], tuple)
+    bad = ds[1]
+    assert isinstance(bad, Unreadable) and bad.name.endswith("b.jpg") and "cannot identify" in bad.error
 
 
 def test_array_images_pad_to_square():

@@ -7,7 +7,7 @@ import importlib
 import sys
 
 # module name under effvit.cli -> each defines register(subparsers) and sets args.func
-COMMANDS = ["info", "train", "straighten"]
+COMMANDS = ["info", "train", "rotation", "straighten"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,7 +14,6 @@ exactly what training saw (crop ratio 1.0, same resize).
 
 from __future__ import annotations
 
-import gzip
 import io
 import math
 from collections.abc import Sequence
@@ -27,22 +26,15 @@ from torch.utils.data import Dataset
 
 from .geometry import CROPS, rotate_crop
 
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 FULL_CIRCLE = (0.0, 360.0)
 
 
 def list_images(*roots: str | Path) -> list[Path]:
-    """Image files (by extension) in the given files/folders, folders searched recursively, sorted."""
-    out: list[Path] = []
-    for root in roots:
-        root = Path(root)
-        if root.is_dir():
-            out += sorted(p for p in root.rglob("*") if p.suffix.lower() in IMG_EXTENSIONS and p.is_file())
-        elif root.is_file():
-            out.append(root)
-        else:
-            raise FileNotFoundError(f"no such file or folder: {root}")
-    return out
+    """Image files in the given files/folders (folders searched recursively, sorted); an empty folder
+    or a missing path raises with its name."""
+    from effvit.train.data import list_images as list_one
+
+    return [p for root in roots for p in list_one(root)]
 
 
 def load_upright(path: str | Path, short_side: int | None = None, mode: str = "RGB") -> Image.Image:
@@ -106,11 +98,7 @@ class FolderImages:
 
     @classmethod
     def from_roots(cls, *roots: str | Path, **kwargs) -> FolderImages:
-        paths = list_images(*roots)
-        if not paths:
-            found_in = ", ".join(map(str, roots))
-            raise ValueError(f"no images ({', '.join(IMG_EXTENSIONS)}) found under {found_in}")
-        return cls(paths, **kwargs)
+        return cls(list_images(*roots), **kwargs)
 
     @property
     def names(self) -> list[str]:
@@ -157,38 +145,35 @@ class ArrayImages:
         return img
 
 
-def read_idx(path: str | Path) -> np.ndarray:
-    """An IDX file (the MNIST format), gzip or plain, as a numpy array."""
-    raw = Path(path).read_bytes()
-    if raw[:2] == b"\x1f\x8b":
-        raw = gzip.decompress(raw)
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
-        raise ValueError(f"{path} is not an unsigned-byte IDX file")
-    ndim = raw[3]
-    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
-    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
-    if data.size != math.prod(shape):
-        raise ValueError(f"{path}: header says {shape} but holds {data.size} bytes (truncated?)")
-    return data.reshape(shape)
+def fashion_mnist(split: str = "train", root: str | Path | None = None,
+                  pad_to: int | None = 40) -> ArrayImages:
+    """Fashion-MNIST images (the engine's IDX reader) as an upright source; 28x28 zero-padded to 40x40
+    (more than 28 * sqrt 2) by default, so a rotation about the centre never cuts the garment."""
+    from effvit.train.data import FashionMNIST
 
-
-FASHION_MNIST_ROOT = Path("/usr/share/datasets/fashion-mnist")
-
-
-def fashion_mnist(split: str = "train", root: str | Path = FASHION_MNIST_ROOT, pad_to: int | None = 40,
-                  limit: int | None = None) -> ArrayImages:
-    """Fashion-MNIST images as an upright source; 28x28 padded to 40x40 (> 28 * sqrt 2) by default."""
-    prefix = {"train": "train", "test": "t10k"}.get(split)
-    if prefix is None:
+    if split not in ("train", "test"):
         raise ValueError(f"Fashion-MNIST split must be 'train' or 'test', got {split!r}")
-    root = Path(root)
-    files = sorted(root.glob(f"{prefix}-images-idx3-ubyte*"))
-    if not files:
-        raise FileNotFoundError(f"Fashion-MNIST {split} images not found in {root}: install the Debian "
-                                "package dataset-fashion-mnist (make data) or pass the IDX files' folder")
-    images = read_idx(files[0])[:limit]
+    images = FashionMNIST(root, train=split == "train").images
     names = [f"fashion-mnist-{split}-{i}" for i in range(len(images))]
     return ArrayImages(images, names=names, pad_to=pad_to)
+
+
+class Subset:
+    """Items ``indices`` of a source, keeping their names."""
+
+    def __init__(self, source, indices: Sequence[int]):
+        self.source, self.indices = source, list(indices)
+
+    @property
+    def names(self) -> list[str]:
+        names = self.source.names
+        return [names[i] for i in self.indices]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        return self.source[self.indices[i]]
 
 
 # -- the rotation dataset ------------------------------------------------------------------------------
@@ -277,6 +262,12 @@ class RotatedImages(Dataset):
             img = img.filter(ImageFilter.GaussianBlur(radius))
         return img, theta
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        img, theta = self.render(i)
+    def __getitem__(self, i: int):
+        try:
+            img, theta = self.render(i)
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            from effvit.train.data import Unreadable
+
+            # the engine's collate drops it and reports the file by name instead of crashing a worker
+            return Unreadable(self.name(i), f"{type(e).__name__}: {e}")
         return to_input(img, self.size, self.mean, self.std), torch.tensor(theta, dtype=torch.float32)

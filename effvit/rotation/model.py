@@ -171,18 +171,28 @@ def build_from_config(cfg: dict) -> RotationModel:
                          crop=cfg.get("crop", "max_area"))
 
 
-def load_rotation_model(path: str | Path | None = None, device: str | torch.device = "cpu") -> RotationModel:
-    """A saved rotation model in eval mode, float32; None loads the photo model shipped with effvit."""
-    from safetensors.torch import load_file
-
+def load_rotation_model(path: str | Path | None = None, device: str | torch.device = "cpu",
+                        use_ema: bool = False) -> RotationModel:
+    """A rotation model in eval mode, float32, from a .safetensors file or a training checkpoint
+    (``last.pth`` / ``best.pth`` of ``effvit rotation train``); None loads the bundled photo model."""
     path = Path(path) if path is not None else DEFAULT_MODEL
     if not path.is_file():
         hint = (" (the bundled model is missing from this install: reinstall effvit or pass --model)"
                 if path == DEFAULT_MODEL else "")
         raise FileNotFoundError(f"rotation model not found: {path}{hint}")
-    cfg = read_rotation_config(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        cfg, sd = read_rotation_config(path), load_file(str(path))
+    else:
+        from effvit.train.checkpoint import load_weights
+
+        sd, meta = load_weights(path, use_ema=use_ema)
+        if "rotation" not in meta:
+            raise ValueError(f"{path} is not a rotation checkpoint (its meta has no 'rotation' config); "
+                             "train one with `effvit rotation train`")
+        cfg = {**meta["rotation"], "settings": meta.get("settings")}
     model = build_from_config(cfg)
-    sd = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(path)).items()}
-    model.load_state_dict(sd)
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()})
     model.config.update({k: v for k, v in cfg.items() if k not in model.config})  # keep training notes
     return model.to(device).eval()
