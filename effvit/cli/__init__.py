@@ -7,7 +7,7 @@ import importlib
 import sys
 
 # module name under effvit.cli -> each defines register(subparsers) and sets args.func
-COMMANDS = ["info", "train", "eval", "predict", "demo", "bench", "export"]
+COMMANDS = ["info", "train", "eval", "predict", "demo", "bench", "export", "rotation", "straighten"]
 
 
 def build_parser() -> argparse.ArgumentParser:

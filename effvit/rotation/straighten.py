@@ -1,0 +1,179 @@
+"""Straighten photos: EXIF orientation, estimate the tilt, rotate back, crop, save in the same format.
+
+The estimate is the counter-clockwise rotation theta the photo carries (signed, in [-180, 180)); the fix
+rotates by -theta. Files are written under an output folder, never over their input; JPEGs keep their
+quantisation tables (so their quality), chroma subsampling, EXIF (orientation reset) and ICC profile.
+A photo whose confidence is under ``min_confidence`` is copied unchanged.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageColor, ImageOps, JpegImagePlugin
+
+from .data import list_images, to_input
+from .geometry import CROPS, rotate_crop
+from .methods import wrap180
+from .model import RotationModel
+
+_ORIENTATION_TAG = 0x0112
+
+
+@dataclass
+class Result:
+    path: str
+    angle: float | None = None  # estimated counter-clockwise tilt, degrees in [-180, 180)
+    confidence: float | None = None
+    action: str = ""  # 'rotated', 'unchanged (low confidence)', 'unchanged (below min angle)', 'error'
+    output: str | None = None
+    error: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def parse_range(spec: str | None) -> tuple[float, float] | None:
+    """'45' -> (-45, 45); '-10,30' -> (-10, 30); 'full' / '360' / None -> None (whole circle)."""
+    if spec is None or str(spec).strip().lower() in ("full", "360", "none", ""):
+        return None
+    parts = [p for p in str(spec).replace(":", ",").split(",") if p.strip()]
+    try:
+        vals = [float(p) for p in parts]
+    except ValueError:
+        raise ValueError(f"--range must be N (meaning -N..N), LO,HI or 'full', got {spec!r}") from None
+    if len(vals) == 1:
+        if not 0 < vals[0] <= 180:
+            raise ValueError(f"--range N needs 0 < N <= 180, got {spec!r}")
+        return None if vals[0] >= 180 else (-vals[0], vals[0])
+    if len(vals) != 2 or not vals[0] < vals[1] or vals[1] - vals[0] > 360:
+        raise ValueError(f"--range LO,HI needs LO < HI within 360 degrees, got {spec!r}")
+    return vals[0], vals[1]
+
+
+def open_upright(path: str | Path) -> tuple[Image.Image, Image.Image]:
+    """(the file as opened, for its format info; the pixels with EXIF orientation applied, loaded)."""
+    src = Image.open(path)
+    src.load()
+    return src, ImageOps.exif_transpose(src)
+
+
+@torch.no_grad()
+def estimate(model: RotationModel, images: Sequence[Image.Image], window: tuple[float, float] | None = None,
+             subdegree: bool = True) -> list[tuple[float, float]]:
+    """[(signed tilt in degrees, confidence)] per PIL image, preprocessed exactly as in training."""
+    cfg = model.config
+    mode = "L" if cfg["in_chans"] == 1 else "RGB"
+    device = next(model.parameters()).device
+    x = torch.stack([to_input(im.convert(mode), cfg["img_size"], cfg["mean"], cfg["std"]) for im in images])
+    angles, conf = model.predict(x.to(device), window=window, subdegree=subdegree)
+    return [(float(a), float(c)) for a, c in zip(wrap180(angles).cpu(), conf.cpu(), strict=True)]
+
+
+def straighten_image(img: Image.Image, angle: float, crop: str = "max_area",
+                     fill: str | None = None) -> Image.Image:
+    """Undo a counter-clockwise tilt of ``angle`` degrees: rotate by -angle (bicubic) and crop."""
+    if crop not in CROPS or crop == "same":
+        raise ValueError(f"crop must be max_area, keep_aspect or none, got {crop!r}")
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    fill_value = None
+    if fill is not None:
+        fill_value = ImageColor.getcolor(fill, img.mode)
+    elif img.mode in ("RGBA", "LA"):
+        fill_value = (0,) * len(img.getbands())  # transparent corners
+    return rotate_crop(img, -angle, crop, resample=Image.Resampling.BICUBIC, fill=fill_value)
+
+
+def save_like(img: Image.Image, src: Image.Image, path: Path, quality: int | None = None) -> None:
+    """Save ``img`` in ``src``'s format, keeping what can be kept of its encoding and metadata."""
+    fmt = src.format or (path.suffix.lstrip(".").upper() or "PNG")
+    kw: dict = {}
+    if src.info.get("icc_profile"):
+        kw["icc_profile"] = src.info["icc_profile"]
+    exif = src.getexif()
+    if exif:
+        exif.pop(_ORIENTATION_TAG, None)  # the pixels are upright now
+        kw["exif"] = exif.tobytes()
+    if "dpi" in src.info:
+        kw["dpi"] = src.info["dpi"]
+    if fmt == "JPEG":
+        if img.mode not in ("RGB", "L", "CMYK"):
+            img = img.convert("RGB")
+        if quality is not None:
+            kw["quality"] = quality
+        elif getattr(src, "quantization", None):
+            kw["qtables"] = src.quantization  # the original's quality, table for table
+        else:
+            kw["quality"] = 95
+        sampling = JpegImagePlugin.get_sampling(src)
+        if sampling != -1 and img.mode == "RGB":
+            kw["subsampling"] = sampling
+        kw["progressive"] = bool(src.info.get("progressive"))
+    elif fmt == "WEBP":
+        kw["lossless"] = bool(src.info.get("lossless"))
+        kw["quality"] = quality if quality is not None else 95  # WebP does not record its quality
+    elif fmt == "TIFF" and src.info.get("compression"):
+        kw["compression"] = src.info["compression"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path, format=fmt, **kw)
+
+
+def plan_outputs(inputs: Sequence[str | Path], out_dir: str | Path) -> list[tuple[Path, Path]]:
+    """(input file, output file) pairs: files go to out_dir/name, folders keep their layout below it."""
+    out_dir = Path(out_dir)
+    pairs: list[tuple[Path, Path]] = []
+    for item in inputs:
+        item = Path(item)
+        if item.is_dir():
+            pairs += [(p, out_dir / p.relative_to(item)) for p in list_images(item)]
+        else:
+            pairs.append((item, out_dir / item.name))  # missing files are reported when read
+    seen: dict[Path, Path] = {}
+    for src, dst in pairs:
+        if dst in seen:
+            raise ValueError(f"{src} and {seen[dst]} would both be written to {dst}: "
+                             "straighten them separately")
+        if src.exists() and dst.exists() and dst.resolve() == src.resolve():
+            raise ValueError(f"{src} would be overwritten: choose an --out folder other than the input's")
+        seen[dst] = src
+    return pairs
+
+
+def straighten_files(inputs: Sequence[str | Path], out_dir: str | Path | None, model: RotationModel,
+                     window: tuple[float, float] | None = None, crop: str = "max_area",
+                     min_confidence: float = 0.0, min_angle: float = 0.0, fill: str | None = None,
+                     quality: int | None = None, dry_run: bool = False, on_result=None) -> list[Result]:
+    """Estimate and (unless ``dry_run``) write each image; unreadable files are reported and skipped."""
+    if out_dir is None and not dry_run:
+        raise ValueError("give an output folder (--out DIR), or use --dry-run to only print the angles")
+    pairs = plan_outputs(inputs, out_dir or ".")
+    results = []
+    for src_path, dst in pairs:
+        res = Result(str(src_path))
+        try:
+            src, upright = open_upright(src_path)
+            (res.angle, res.confidence), = estimate(model, [upright], window)
+            if res.confidence < min_confidence:
+                res.action = "unchanged (low confidence)"
+            elif abs(res.angle) < min_angle:
+                res.action = "unchanged (below min angle)"
+            else:
+                res.action = "rotated"
+            if not dry_run:
+                res.output = str(dst)
+                if res.action == "rotated":
+                    save_like(straighten_image(upright, res.angle, crop, fill), src, dst, quality)
+                else:
+                    dst.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(src_path, dst)  # untouched: the original bytes
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            res.action, res.error = "error", f"{type(e).__name__}: {e}"
+        results.append(res)
+        if on_result is not None:
+            on_result(res)
+    return results
