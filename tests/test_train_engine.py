@@ -176,7 +176,8 @@ def test_mixed_precision_steps(amp):
     scaler = torch.amp.GradScaler("cpu", init_scale=256.0) if amp == "fp16" else None
     x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
     before = model.head.linear.weight.clone()
-    loss = train_step(model, task, x, y, opt, device=torch.device("cpu"), amp=amp, scaler=scaler, clip_grad=0.02)
+    loss = train_step(model, task, x, y, opt, device=torch.device("cpu"), amp=amp, scaler=scaler,
+                      clip_grad=0.02)
     assert torch.isfinite(loss) and loss.dtype == torch.float32
     assert not torch.equal(model.head.linear.weight, before)
     assert model.head.linear.weight.dtype == torch.float32  # autocast: master weights stay fp32
