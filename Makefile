@@ -37,8 +37,9 @@ data:
 test: install data
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(JOBS) --durations=15
 
+# Fashion-MNIST end to end (effvit/cli/demo.py): train M0 from scratch, evaluate, predict, export, summary.
 demo: install data
-	$(PY) -m effvit.cli info
+	$(PY) -m effvit demo
 
 lint: install
 	$(VENV)/bin/ruff check effvit tests benchmarks

@@ -161,3 +161,38 @@ def test_checkpoint_of_another_variant_is_refused(folder, tmp_path):
     other.model.finetune = str(src.last_checkpoint)
     with pytest.raises(ValueError, match=refused):
         _build(other)
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_mixed_precision_steps(amp):
+    from effvit.models import create_model
+    from effvit.train import ClassificationTask, train_step
+
+    torch.manual_seed(0)
+    model = create_model("efficientvit_m0", num_classes=3, img_size=32)
+    task = ClassificationTask(model, None, num_classes=3, smoothing=0.1)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    # a small initial scale: the default 2**16 overflows the first steps, which the scaler then skips
+    scaler = torch.amp.GradScaler("cpu", init_scale=256.0) if amp == "fp16" else None
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
+    before = model.head.linear.weight.clone()
+    loss = train_step(model, task, x, y, opt, device=torch.device("cpu"), amp=amp, scaler=scaler,
+                      clip_grad=0.02)
+    assert torch.isfinite(loss) and loss.dtype == torch.float32
+    assert not torch.equal(model.head.linear.weight, before)
+    assert model.head.linear.weight.dtype == torch.float32  # autocast: master weights stay fp32
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_training_step():
+    from effvit.models import create_model
+    from effvit.train import ClassificationTask, train_step
+
+    dev = torch.device("cuda")
+    model = create_model("efficientvit_m0", num_classes=3, img_size=64).to(dev)
+    task = ClassificationTask(model, None, num_classes=3)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x, y = torch.randn(8, 3, 64, 64, device=dev), torch.randint(0, 3, (8,), device=dev)
+    loss = train_step(model, task, x, y, opt, device=dev, amp="fp16", scaler=torch.amp.GradScaler("cuda"),
+                      clip_grad=0.02)
+    assert torch.isfinite(loss)

@@ -79,7 +79,9 @@ class ClassificationTask(Task):
         return inputs, targets
 
     def loss(self, outputs: Any, targets: Any) -> torch.Tensor:
-        if self.teacher is None and isinstance(outputs, (tuple, list)):
+        # logits to fp32: the criteria's log-softmax under fp16/bf16 autocast would lose precision
+        outputs = tuple(o.float() for o in outputs) if isinstance(outputs, (tuple, list)) else outputs.float()
+        if self.teacher is None and isinstance(outputs, tuple):
             outputs = (outputs[0] + outputs[1]) / 2  # a distillation head trained without a teacher
         return self.criterion(outputs, targets)
 

@@ -92,7 +92,7 @@ class OptimConfig:
 class SchedConfig:
     sched: str = "cosine"
     epochs: int = 300
-    warmup_epochs: int = 5
+    warmup_epochs: float = 5  # fractions allowed (per-step schedule)
     warmup_lr: float = 1e-6
     min_lr: float = 1e-5
     cooldown_epochs: int = 0
@@ -125,7 +125,7 @@ class RunConfig:
     deterministic: bool = False  # deterministic kernels (slower; exact resume tests)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: str = "none"  # none | bf16 | fp16
-    threads: int | None = None  # torch CPU threads per process (None: torch's default)
+    threads: int | None = None  # torch CPU threads per process (None: torch's default; 0: the idle cores)
     eval_every: int = 1  # evaluate every N epochs and after the last; 0: never during training
     log_interval: int = 50
     tensorboard: bool = False

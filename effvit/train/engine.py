@@ -80,6 +80,16 @@ def configure_determinism(enabled: bool) -> None:
         torch.backends.cudnn.benchmark = True
 
 
+def auto_threads(ctx: DistContext) -> int:
+    """CPU threads for this process: the cores not already busy (1-minute load average), shared among
+    the processes of this node. On a shared machine, OpenMP threads that wait on a preempted sibling
+    make a step several times slower than one thread would."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    free = cores - os.getloadavg()[0] if hasattr(os, "getloadavg") else cores
+    return max(1, min(cores // local, int(free + 0.5) // local))
+
+
 def autocast(device: torch.device, amp: str):
     dtype = AMP_DTYPES.get(amp, "bad")
     if dtype == "bad":
@@ -288,8 +298,8 @@ def train(task: Task, cfg: Config, *, output_dir: str | Path | None = None, resu
     """
     ctx = ctx or du.init_distributed(cfg.run.device)
     r = cfg.run
-    if r.threads:
-        torch.set_num_threads(r.threads)
+    if r.threads is not None:
+        torch.set_num_threads(r.threads if r.threads > 0 else auto_threads(ctx))
     configure_determinism(r.deterministic)
     if output_dir is None:
         output_dir = Path(resume).parent if resume else Path(r.output) / (r.name or default_run_name(cfg))
