@@ -11,6 +11,7 @@ from effvit import create_model, fuse
 from effvit.cli import main
 from effvit.fast.benchmark import randomise_norms
 from effvit.fast.export import export_onnx, export_torchscript, verify_onnx
+from effvit.fast.nchw import NCHWForm
 
 
 def _model(name: str = "efficientvit_m0", **kw) -> torch.nn.Module:
@@ -36,12 +37,25 @@ def test_onnx_export_verified_dynamic_batch(tmp_path):
     assert (torch.from_numpy(out) - model(x)).abs().max().item() <= 1e-4
 
 
+@pytest.mark.parametrize("name,size", [
+    ("efficientvit_m0", (224, 224)), ("efficientvit_m2", (320, 192)), ("efficientvit_m0", (448, 448)),
+    ("efficientvit_m1", (96, 80)), ("efficientvit_m5", (224, 224))])
 @torch.no_grad()
-def test_onnx_non_square_and_fused_input(tmp_path):
+def test_nchw_form_parity(name, size):
+    """The exported graph's form: same function, NCHW convs, per-head projections, padded windows."""
+    model = _model(name)
+    x = torch.randn(2, 3, *size)
+    assert (NCHWForm(fuse(model))(x) - model(x)).abs().max().item() <= 1e-4
+
+
+@torch.no_grad()
+def test_onnx_non_square_tokens_layout_and_fused_input(tmp_path):
     model = _model("efficientvit_m2")
     path = tmp_path / "m2.onnx"
-    export_onnx(fuse(model), path, img_size=(320, 192), verify=False)
+    export_onnx(fuse(model), path, img_size=(320, 192), verify=False, layout="tokens")
     assert verify_onnx(path, model, (320, 192)) <= 1e-4  # checked against the unfused model
+    with pytest.raises(ValueError, match="unknown layout"):
+        export_onnx(model, path, layout="nhwc")
 
 
 def test_onnx_rejects_old_opset_and_other_models(tmp_path):

@@ -175,7 +175,7 @@ def _bench_one(name: str, scenario: str, threads: int, args, peak: float | None,
         if scenario == "ort":
             from timm.utils import reparameterize_model
             tpath = os.path.join(tmp.name, f"timm_{name}.onnx")
-            _export_plain_onnx(reparameterize_model(tm).cpu(), x[:2].cpu(), tpath)
+            B.export_plain_onnx(reparameterize_model(tm).cpu(), x[:2].cpu(), tpath)
             impls["timm"] = ("reparam onnx", B.onnx_forward(tpath, x, threads))
         else:
             form, fn, _ = B.pick_fastest(B.timm_forms(tm, x, amp, args.compile), probe, device)
@@ -210,19 +210,6 @@ def _bench_one(name: str, scenario: str, threads: int, args, peak: float | None,
     if scenario == "ort":
         tmp.cleanup()
     return out
-
-
-def _export_plain_onnx(model, x, path: str) -> None:
-    """timm's model to ONNX the usual way (TorchScript-based exporter, dynamic batch)."""
-    import warnings
-
-    import torch
-
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, (x,), path, dynamo=False, opset_version=17, input_names=["image"],
-                          output_names=["logits"],
-                          dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}})
 
 
 def _report(rows: list[dict], meta: dict, args: argparse.Namespace) -> None:

@@ -18,6 +18,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", default="onnx,torchscript", help="comma-separated: onnx, torchscript")
     p.add_argument("--out", default="exports", help="output folder")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 17)")
+    p.add_argument("--layout", default="nchw", choices=["nchw", "tokens"],
+                   help="ONNX graph layout: nchw (fastest in ONNX Runtime) or tokens (as run in PyTorch)")
     p.add_argument("--dynamo", action="store_true", help="use the torch.export-based ONNX exporter")
     p.add_argument("--atol", type=float, default=1e-4, help="max abs difference accepted by verification")
     p.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime / reload check")
@@ -47,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
         path = out / f"{stem}{FORMATS[f]}"
         if f == "onnx":
             diff = export_onnx(model, path, size, opset=args.opset, dynamo=args.dynamo,
-                               verify=not args.no_verify, atol=args.atol)
+                               verify=not args.no_verify, atol=args.atol, layout=args.layout)
             check = "onnxruntime"
         else:
             diff = export_torchscript(model, path, size, verify=not args.no_verify, atol=args.atol)

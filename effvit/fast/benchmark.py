@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 __all__ = ["Forward", "Timing", "ratio", "time_forward", "alternate", "pick_fastest", "effvit_forms",
-           "timm_forms", "onnx_forward", "cpu_peak_flops", "randomise_norms"]
+           "timm_forms", "onnx_forward", "export_plain_onnx", "cpu_peak_flops", "randomise_norms"]
 
 Forward = Callable[[], object]  # one batch through one form; inputs are bound inside
 
@@ -201,6 +201,16 @@ def onnx_forward(path: str, x: torch.Tensor, threads: int) -> Forward:
     sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
     feed = {sess.get_inputs()[0].name: x.cpu().numpy()}
     return lambda: sess.run(None, feed)[0]
+
+
+def export_plain_onnx(model: nn.Module, x: torch.Tensor, path: str) -> None:
+    """A peer's model (timm's) to ONNX the usual way: TorchScript-based exporter, opset 17, dynamic
+    batch, input ``image``."""
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (x,), path, dynamo=False, opset_version=17, input_names=["image"],
+                          output_names=["logits"],
+                          dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}})
 
 
 def cpu_peak_flops(threads: int = 1, n: int = 2048, seconds: float = 2.0) -> float:
