@@ -89,3 +89,17 @@ def test_export_cli_errors(tmp_path, capsys):
     assert "unknown format 'tflite'" in capsys.readouterr().err
     assert main(["export", "--model", "m9", "--out", str(tmp_path)]) == 2
     assert "unknown model" in capsys.readouterr().err
+
+
+def test_export_takes_classes_channels_and_size_from_the_checkpoint(tmp_path):
+    """What `make demo` does: a grey 64x64 10-class checkpoint exports without restating its shape."""
+    from effvit import save_checkpoint
+
+    model = randomise_norms(create_model("efficientvit_m0", num_classes=10, in_chans=1, img_size=64)).eval()
+    ckpt = save_checkpoint(model, tmp_path / "grey.pth")
+    assert main(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "out"), "--format", "onnx"]) == 0
+    session = ort.InferenceSession(str(tmp_path / "out" / "efficientvit_m0_64x64.onnx"))
+    x = torch.randn(3, 1, 64, 64)
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        assert abs(got - model(x).numpy()).max() <= 1e-4

@@ -1,5 +1,5 @@
 """``effvit demo``: train EfficientViT-M0 from scratch on Fashion-MNIST, evaluate it on the 10k test images,
-predict a few of them, export it (when ``effvit export`` exists) and print a summary. ``make demo`` runs it.
+predict a few of them, export it to ONNX and TorchScript and print a summary. ``make demo`` runs it.
 """
 
 from __future__ import annotations
@@ -23,28 +23,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _export_args(checkpoint: Path, out_dir: Path) -> list[str] | None:
-    """Arguments for ``effvit export`` found from its parser (it is developed separately): the checkpoint
-    as its positional or --checkpoint/--weights option, the output under out_dir. None if unmappable."""
-    from effvit.cli import build_parser
-
-    parser = build_parser()
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    exp = sub.choices["export"]
-    args: list[str] = []
-    ckpt_done = out_done = False
-    for a in exp._actions:
-        if a.dest in ("checkpoint", "weights", "ckpt", "pretrained", "source") and not ckpt_done:
-            args += ([a.option_strings[-1]] if a.option_strings else []) + [str(checkpoint)]
-            ckpt_done = True
-        elif a.dest in ("output", "out", "output_dir", "out_dir") and not out_done:
-            args += ([a.option_strings[-1]] if a.option_strings else []) + [str(out_dir / "export")]
-            out_done = True
-        elif a.required and a.dest not in ("help",) and not a.option_strings and a.dest != "command":
-            return None  # a positional we do not know how to fill
-    return ["export", *args] if ckpt_done else None
-
-
 def _save_samples(root: str | None, out: Path, n: int) -> list[Path]:
     """A few Fashion-MNIST test images as PNG files, plus one corrupt file to show it being skipped."""
     from PIL import Image
@@ -66,7 +44,6 @@ def _save_samples(root: str | None, out: Path, n: int) -> list[Path]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from effvit.cli import COMMANDS
     from effvit.cli import main as cli_main
 
     out = Path(args.output)
@@ -104,15 +81,10 @@ def run(args: argparse.Namespace) -> int:
 
     print("\n== 4/4 export ==", flush=True)
     t = time.perf_counter()
-    exported = "skipped: `effvit export` is not part of this installation yet"
-    if "export" in COMMANDS:
-        exp_args = _export_args(ckpt, out)
-        if exp_args is None:
-            exported = "skipped: could not map the checkpoint onto `effvit export`'s arguments"
-        else:
-            print("effvit " + " ".join(exp_args), flush=True)
-            rc = cli_main(exp_args)
-            exported = f"{out / 'export'}" if rc == 0 else f"failed (exit {rc}); see above"
+    exp_args = ["export", "--checkpoint", str(ckpt), "--out", str(out / "export")]
+    print("effvit " + " ".join(exp_args), flush=True)
+    rc = cli_main(exp_args)
+    exported = f"{out / 'export'}" if rc == 0 else f"failed (exit {rc}); see above"
     print(exported)
     times["export"] = time.perf_counter() - t
 

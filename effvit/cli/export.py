@@ -10,11 +10,14 @@ FORMATS = {"onnx": ".onnx", "torchscript": ".ts.pt"}
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="export the fused model to ONNX / TorchScript (verified)")
-    p.add_argument("--model", default="m0", help="variant (m0..m5 or full name)")
+    p.add_argument("--model", default=None, help="variant (m0..m5 or full name); default: the checkpoint's, "
+                   "else m0")
     p.add_argument("--checkpoint", default=None,
-                   help="weights: path or URL (official, timm or effvit layout); random weights if omitted")
-    p.add_argument("--num-classes", type=int, default=None, help="classes of the checkpoint's head")
-    p.add_argument("--img-size", type=int, nargs="+", default=[224], help="H [W] fixed in the export")
+                   help="weights: a path (official, timm, effvit or training checkpoint: classes, input "
+                   "channels and size are taken from it); random weights if omitted")
+    p.add_argument("--num-classes", type=int, default=None, help="classes of the head (without --checkpoint)")
+    p.add_argument("--img-size", type=int, nargs="+", default=None,
+                   help="H [W] fixed in the export (default: the checkpoint's, else 224)")
     p.add_argument("--format", default="onnx,torchscript", help="comma-separated: onnx, torchscript")
     p.add_argument("--out", default="exports", help="output folder")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 17)")
@@ -30,21 +33,26 @@ def run(args: argparse.Namespace) -> int:
     from effvit.cli.info import resolve_models
     from effvit.fast.export import export_onnx, export_torchscript
     from effvit.models import create_model
+    from effvit.train.inference import load_classifier
 
-    names = resolve_models(args.model)
+    names = resolve_models(args.model or "m0")
     if len(names) != 1:
         raise ValueError(f"--model takes one variant, got {args.model!r}")
     formats = [f.strip().lower() for f in args.format.split(",") if f.strip()]
     for f in formats:
         if f not in FORMATS:
             raise ValueError(f"unknown format {f!r}; choose from {', '.join(FORMATS)}")
-    if len(args.img_size) not in (1, 2):
+    if args.img_size is not None and len(args.img_size) not in (1, 2):
         raise ValueError(f"--img-size takes H or H W, got {args.img_size}")
-    size = (args.img_size[0], args.img_size[-1])
-    model = create_model(names[0], pretrained=args.checkpoint or False, num_classes=args.num_classes,
-                         img_size=size)
+    size = None if args.img_size is None else (args.img_size[0], args.img_size[-1])
+    if args.checkpoint:
+        model, info = load_classifier(args.checkpoint, img_size=size, model_name=args.model and names[0])
+        size = model.img_size
+    else:
+        size = size or (224, 224)
+        model = create_model(names[0], num_classes=args.num_classes, img_size=size)
     out = Path(args.out)
-    stem = f"{names[0]}_{size[0]}x{size[1]}"
+    stem = f"{model.variant}_{size[0]}x{size[1]}"
     for f in formats:
         path = out / f"{stem}{FORMATS[f]}"
         if f == "onnx":
