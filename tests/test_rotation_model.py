@@ -202,3 +202,19 @@ def test_straighten_image_undoes_a_rotation():
         straighten_image(tilted, 5.0, crop="same")
     rgba = straighten_image(tilted.convert("RGBA"), 25.0, crop="none")
     assert rgba.getpixel((0, 0))[3] == 0  # corners transparent
+
+
+def test_bundled_photo_model_runs_straighten_by_default(tmp_path, capsys):
+    from effvit.cli import main
+    from effvit.rotation.model import DEFAULT_MODEL
+
+    if not DEFAULT_MODEL.is_file():
+        pytest.skip("bundled model not installed")
+    assert DEFAULT_MODEL.stat().st_size < 10e6
+    model = load_rotation_model()
+    assert model.trained_range == (-45.0, 45.0) and model.config["backbone"] == "efficientvit_m0"
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (80, 120, 3), dtype=np.uint8)).save(tmp_path / "x.jpg")
+    assert main(["straighten", str(tmp_path / "x.jpg"), "--dry-run", "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    assert -45.0 <= row["angle"] <= 45.0 and 0.0 <= row["confidence"] <= 1.0 and row["output"] is None
