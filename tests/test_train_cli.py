@@ -26,7 +26,8 @@ def trained(tmp_path_factory):
     """A one-epoch run of `effvit train` on a tiny folder: (data root, run folder)."""
     tmp = tmp_path_factory.mktemp("cli")
     data = make_image_folder(tmp / "data", n_train=4, n_val=3)
-    args = ["train", *TINY, "--data", str(data), "--epochs", "1", "--output", str(tmp), "--name", "run"]
+    args = ["train", *TINY, "--data", str(data), "--epochs", "1", "--output", str(tmp), "--name", "run",
+            "--tensorboard"]
     assert main(args) == 0
     return data, tmp / "run"
 
@@ -35,6 +36,7 @@ def test_train_writes_checkpoints_logs_and_curves(trained):
     _, run = trained
     for f in ("last.pth", "best.pth", "log.csv", "curves.png", "config.yaml", "log.txt"):
         assert (run / f).is_file(), f
+    assert any((run / "tensorboard").glob("events.out.tfevents.*"))
     header = (run / "log.csv").read_text().splitlines()[0].split(",")
     expected = {"epoch", "train_loss", "lr", "train_img_s", "val_top1", "val_top5", "val_loss", "ema_top1"}
     assert expected <= set(header)

@@ -196,3 +196,20 @@ def test_cuda_training_step():
     loss = train_step(model, task, x, y, opt, device=dev, amp="fp16", scaler=torch.amp.GradScaler("cuda"),
                       clip_grad=0.02)
     assert torch.isfinite(loss)
+
+
+def test_distillation_from_an_effvit_teacher(folder, tmp_path):
+    """DeiT-style: the student grows a distillation head that learns from the teacher's arg-max."""
+    cfg = tiny_config(folder, tmp_path / "teacher", "sched.epochs=1", "ema.enabled=false")
+    teacher = train(_build(cfg), cfg)
+    for kind in ("hard", "soft"):
+        st = tiny_config(folder, tmp_path / kind, "sched.epochs=1", "ema.enabled=false",
+                         "distill.teacher=efficientvit_m0", f"distill.teacher_checkpoint={teacher.last_checkpoint}",
+                         f"distill.type={kind}", "aug.mixup=0.8")
+        task = _build(st)
+        assert task.model.head_dist is not None and task.teacher is not None
+        result = train(task, st)
+        assert result.history[0]["train_loss"] > 0 and "val_top1" in result.history[0]
+        assert "head_dist.linear.weight" in load_training_state(result.last_checkpoint)["state_dict"]
+    with pytest.raises(ValueError, match="needs distill.teacher_checkpoint"):
+        _build(tiny_config(folder, tmp_path / "x", "distill.teacher=efficientvit_m0"))

@@ -364,7 +364,9 @@ def train(task: Task, cfg: Config, *, output_dir: str | Path | None = None, resu
         (out / "config.yaml").write_text(cfg.to_yaml())
     n_params = sum(p.numel() for p in model.parameters())
     logger.info(f"{type(model).__name__} {getattr(model, 'variant', '')} ({n_params / 1e6:.3f}M params) on "
-                f"{ctx.world_size} x {ctx.device.type}; {len(task.train_dataset)} training samples, "
+                f"{ctx.world_size} x {ctx.device.type}"
+                f"{f' ({torch.get_num_threads()} threads)' if ctx.device.type == 'cpu' else ''}; "
+                f"{len(task.train_dataset)} training samples, "
                 f"{len(task.val_dataset) if task.val_dataset is not None else 0} validation; batch "
                 f"{d.batch_size} x {ctx.world_size}, lr {optimizer.param_groups[0]['lr']:.3g} -> schedule "
                 f"{cfg.sched.sched}, {num_epochs} epochs, amp {r.amp}; output {out}")
