@@ -17,7 +17,7 @@ FASHION_MNIST := /usr/share/datasets/fashion-mnist
 # pytest workers; each gets one BLAS thread so two workers use the two cores without oversubscription
 JOBS ?= 2
 
-.PHONY: install data test demo lint bench clean
+.PHONY: install data test demo lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

@@ -12,7 +12,8 @@ from effvit.cli import main
 from effvit.cli.bench import COLUMNS
 from effvit.fast.benchmark import alternate, cpu_peak_flops, pick_fastest
 
-FAST = ["--seconds", "0.05", "--warmup", "0", "--rounds", "2", "--probe", "0.02", "--img-size", "64"]
+FAST = ["--seconds", "0.05", "--warmup", "0", "--rounds", "2", "--probe", "0.02", "--img-size", "64",
+        "--peak-seconds", "0.1"]
 
 
 @pytest.mark.slow

@@ -44,6 +44,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup", type=float, default=2.0, help="untimed seconds before timing")
     p.add_argument("--probe", type=float, default=None,
                    help="seconds per candidate form when picking each side's fastest (default seconds/5)")
+    p.add_argument("--peak-seconds", type=float, default=2.0,
+                   help="seconds of 2048^3 matmuls measuring the CPU's peak FLOP/s")
     p.add_argument("--vs", default=None, choices=["timm"], help="also run timm's implementation")
     p.add_argument("--compile", action="store_true",
                    help="add torch.compile forms (inductor; minutes of compilation per model)")
@@ -111,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
             if scenario in CPU_SCENARIOS and threads not in peaks:
                 bar.set_postfix_str(f"CPU peak FLOP/s, {threads} thread(s)")
                 from effvit.fast.benchmark import cpu_peak_flops
-                peaks[threads] = cpu_peak_flops(threads)
+                peaks[threads] = cpu_peak_flops(threads, seconds=args.peak_seconds)
             for name in names:
                 bar.set_postfix_str(f"{name} {scenario}")
                 rows += _bench_one(name, scenario, threads, args, peaks.get(threads), bar)
