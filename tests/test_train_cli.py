@@ -68,6 +68,28 @@ def test_eval_refuses_other_class_folders(trained, tmp_path, capsys):
     assert "differ" in capsys.readouterr().err
 
 
+def test_train_stops_on_nan_loss_with_exit_code_3(trained, tmp_path, monkeypatch, capsys):
+    """A loss that turns NaN in epoch 2: exit status 3, a message naming the last good checkpoint, and
+    that checkpoint (epoch 1) still on disk."""
+    from effvit.train.classification import ClassificationTask
+
+    data, _ = trained
+    calls = {"n": 0}
+    real_loss = ClassificationTask.loss
+
+    def diverging(self, outputs, targets):
+        calls["n"] += 1  # 2 steps per epoch (4 images per class, batch 4)
+        loss = real_loss(self, outputs, targets)
+        return loss * float("nan") if calls["n"] > 2 else loss
+
+    monkeypatch.setattr(ClassificationTask, "loss", diverging)
+    rc = main(["train", *TINY, "--data", str(data), "--epochs", "3", "--output", str(tmp_path), "--name", "nan"])
+    err = capsys.readouterr().err
+    assert rc == 3
+    assert "effvit train: error: non-finite loss at epoch 2" in err and "last good checkpoint" in err, err
+    assert torch.load(tmp_path / "nan" / "last.pth", weights_only=True)["epoch"] == 1
+
+
 def test_predict_table_json_csv_and_skips_corrupt_images(trained, tmp_path, capsys):
     data, run = trained
     imgs = tmp_path / "imgs"

@@ -26,6 +26,9 @@ def main(argv: list[str] | None = None) -> int:
         # Our errors say what went wrong and what to do; a traceback would only bury that.
         print(f"effvit {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except FloatingPointError as e:  # a NaN/inf loss: the message names the last good checkpoint
+        print(f"effvit {args.command}: error: {e}", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print(f"effvit {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -246,10 +246,9 @@ def _report(rows: list[dict], meta: dict, args: argparse.Namespace) -> None:
 
 def _plot(rows: list[dict], path: Path) -> None:
     """Throughput against the paper's top-1, one panel per scenario (like the paper's figure 1)."""
-    import matplotlib
+    from effvit.plots import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     scenarios = list(dict.fromkeys(r["scenario"] for r in rows))
     fig, axes = plt.subplots(1, len(scenarios), figsize=(5 * len(scenarios), 4), squeeze=False)
@@ -271,6 +270,4 @@ def _plot(rows: list[dict], path: Path) -> None:
         ax.set_ylabel("throughput (images/s)")
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)

@@ -130,26 +130,14 @@ def export_best(result, task, log=print) -> Path | None:
 
 def run_train(args: argparse.Namespace) -> int:
     from effvit.rotation.task import build_rotation_task
-    from effvit.train import NonFiniteLossError, init_distributed, seed_everything, train
-    from effvit.train.distributed import cleanup
+    from effvit.train import launch
 
     cfg = resolve_config(args)
     if args.print_config:
         print(cfg.to_yaml(), end="")
         return 0
-    ctx = init_distributed(cfg.run.device)
-    try:
-        seed_everything(cfg.run.seed)  # identical model init on every rank
-        task = build_rotation_task(cfg, log=print if ctx.is_main else (lambda *_: None))
-        result = train(task, cfg, resume=args.resume, ctx=ctx)
-        if ctx.is_main:
-            export_best(result, task)
-    except NonFiniteLossError as e:
-        print(f"effvit rotation train: error: {e}", file=sys.stderr)
-        return 3
-    finally:
-        cleanup()
-    if ctx.is_main:
+    result = launch(build_rotation_task, cfg, resume=args.resume, on_done=export_best)
+    if result is not None:
         print(f"done: {result.output_dir} (last.pth, best.pth, best.safetensors, log.csv, curves.png)")
     return 0
 

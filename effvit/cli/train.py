@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 SHORTCUTS = {  # flag -> config key; each flag is a shorthand for the override section.key=value
     "model": "model.name", "data": "data.root", "dataset": "data.dataset", "epochs": "sched.epochs",
@@ -90,15 +89,8 @@ def resolve_config(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from effvit.train import (
-        NonFiniteLossError,
-        build_classification_task,
-        init_distributed,
-        seed_everything,
-        train,
-    )
+    from effvit.train import build_classification_task, launch
     from effvit.train.config import packaged_configs
-    from effvit.train.distributed import cleanup
 
     if args.list_configs:
         print("\n".join(packaged_configs()))
@@ -107,16 +99,7 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(cfg.to_yaml(), end="")
         return 0
-    ctx = init_distributed(cfg.run.device)
-    try:
-        seed_everything(cfg.run.seed)  # identical model init on every rank
-        task = build_classification_task(cfg, log=print if ctx.is_main else (lambda *_: None))
-        result = train(task, cfg, resume=args.resume, ctx=ctx)
-    except NonFiniteLossError as e:
-        print(f"effvit train: error: {e}", file=sys.stderr)
-        return 3
-    finally:
-        cleanup()
-    if ctx.is_main:
+    result = launch(build_classification_task, cfg, resume=args.resume)
+    if result is not None:
         print(f"done: {result.output_dir} (last.pth, best.pth, log.csv, curves.png)")
     return 0

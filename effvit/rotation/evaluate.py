@@ -101,10 +101,9 @@ def selective_metrics(errors: np.ndarray, confidence: np.ndarray,
 
 def plot_errors(rows: list[dict], path: str | Path, title: str = "") -> Path:
     """Signed-error histogram (log counts, full circle) and the cumulative |error| curve up to 20 deg."""
-    import matplotlib
+    from effvit.plots import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     e = np.array([r["error"] for r in rows])
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
@@ -123,12 +122,7 @@ def plot_errors(rows: list[dict], path: str | Path, title: str = "") -> Path:
     ax2.grid(alpha=0.3)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def write_report(result: RotationEval, out_dir: str | Path, title: str = "",

@@ -13,8 +13,6 @@ them exactly from every prediction).
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +20,7 @@ import numpy as np
 import torch
 
 from effvit.train import Task
-from effvit.train.config import Config, _coerce
+from effvit.train.config import Config, set_section
 
 from .data import FolderImages, RotatedImages, Subset, fashion_mnist, list_images
 from .methods import get_method
@@ -59,13 +57,7 @@ class RotationSettings:
     @classmethod
     def from_config(cls, cfg: Config) -> RotationSettings:
         s = cls()
-        hints = typing.get_type_hints(cls)
-        for key, value in (cfg.task or {}).items():
-            if key not in hints:
-                close = difflib.get_close_matches(str(key), hints, n=1)
-                hint = f" (did you mean task.{close[0]}?)" if close else f"; valid keys: {', '.join(hints)}"
-                raise ValueError(f"unknown setting task.{key}{hint}")
-            setattr(s, key, _coerce(value, hints[key], f"task.{key}"))
+        set_section(s, cfg.task or {}, "task")
         get_method(s.method)  # fail early on a typo
         return s
 

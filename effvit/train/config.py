@@ -214,7 +214,9 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     return value
 
 
-def _set_section(section: Any, values: dict, prefix: str) -> None:
+def set_section(section: Any, values: dict, prefix: str) -> None:
+    """Apply ``values`` to the dataclass ``section``, each checked against its type hint; a ValueError names
+    the setting ``prefix.key`` (and the closest valid key when one is misspelt)."""
     if not isinstance(values, dict):
         raise ValueError(f"{prefix}: expected a mapping of keys to values, got {values!r}")
     hints = typing.get_type_hints(type(section))
@@ -238,7 +240,7 @@ def config_from_dict(d: dict | None, base: Config | None = None) -> Config:
         if name == "task":
             cfg.task.update(values or {})
         else:
-            _set_section(getattr(cfg, name), values or {}, name)
+            set_section(getattr(cfg, name), values or {}, name)
     return cfg
 
 

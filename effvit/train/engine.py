@@ -13,6 +13,7 @@ import math
 import os
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -434,3 +435,20 @@ def train(task: Task, cfg: Config, *, output_dir: str | Path | None = None, resu
                         f"checkpoints {last_path}, {best_path}")
     logger.close()
     return TrainResult(out, history, best, last_path, best_path)
+
+
+def launch(build_task: Callable[..., Task], cfg: Config, *, resume: str | Path | None = None,
+           on_done: Callable[[TrainResult, Task], Any] | None = None) -> TrainResult | None:
+    """What a training command runs, alone or under torchrun: join the process group, build the task
+    (``build_task(cfg, log=...)``, the same initial weights on every rank), train, then call
+    ``on_done(result, task)`` on rank 0. Returns the result on rank 0, None on the other ranks."""
+    ctx = du.init_distributed(cfg.run.device)
+    try:
+        seed_everything(cfg.run.seed)
+        task = build_task(cfg, log=print if ctx.is_main else (lambda *_: None))
+        result = train(task, cfg, resume=resume, ctx=ctx)
+        if ctx.is_main and on_done is not None:
+            on_done(result, task)
+    finally:
+        du.cleanup()
+    return result if ctx.is_main else None

@@ -74,10 +74,9 @@ def plot_curves(history: Sequence[dict], path: str | Path, metric: str = "top1")
     """Loss (train and val) and the selection metric (val, and EMA when present) against the epoch."""
     if not history:
         return None
-    import matplotlib
+    from effvit.plots import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     epochs = [h["epoch"] for h in history]
 
@@ -100,8 +99,4 @@ def plot_curves(history: Sequence[dict], path: str | Path, metric: str = "top1")
     if ax2.lines:
         ax2.legend()
     ax2.grid(alpha=0.3)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

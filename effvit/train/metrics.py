@@ -43,10 +43,9 @@ def per_class_accuracy(confusion: torch.Tensor) -> list[float]:
 def plot_confusion(confusion: torch.Tensor, class_names: Sequence[str] | None, path: str | Path,
                    title: str = "") -> Path:
     """Row-normalised confusion matrix as a PNG (counts in the cells for up to 30 classes)."""
-    import matplotlib
+    from effvit.plots import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     c = confusion.double().cpu()
     n = c.shape[0]
@@ -68,9 +67,4 @@ def plot_confusion(confusion: torch.Tensor, class_names: Sequence[str] | None, p
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title or "confusion matrix")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
