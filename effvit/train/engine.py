@@ -444,7 +444,7 @@ def launch(build_task: Callable[..., Task], cfg: Config, *, resume: str | Path |
     ``on_done(result, task)`` on rank 0. Returns the result on rank 0, None on the other ranks."""
     ctx = du.init_distributed(cfg.run.device)
     try:
-        seed_everything(cfg.run.seed)
+        seed_everything(cfg.run.seed)  # before building: identical initial weights on every rank
         task = build_task(cfg, log=print if ctx.is_main else (lambda *_: None))
         result = train(task, cfg, resume=resume, ctx=ctx)
         if ctx.is_main and on_done is not None:
