@@ -9,6 +9,9 @@
 
     nice -n 5 python benchmarks/inference_speed.py --out runs/inference_speed [--compile] [--seconds 10]
 
+With ``--device cuda`` the same on the GPU, by the paper's GPU protocol: ``effvit bench`` batch 2048 with
+fp16 and bf16 autocast, and the all-forms table at batch 2048 fp16 (no ONNX Runtime, no CPU peak).
+
 Writes markdown tables to stdout and runs/inference_speed/{forms.json, bench_*/}.
 """
 
@@ -29,33 +32,38 @@ from effvit.models import VARIANTS, create_model
 from effvit.models.complexity import count_macs
 
 
-def forms_table(name: str, seconds: float, rounds: int, compile: bool) -> dict:
-    """All forms of effvit and timm for one variant at 1 thread, batch 16, alternating."""
+def forms_table(name: str, seconds: float, rounds: int, compile: bool, device: str = "cpu") -> dict:
+    """All forms of effvit and timm for one variant, alternating: on CPU 1 thread, batch 16, fp32 (with
+    ONNX Runtime on both exports); on CUDA batch 2048, fp16 autocast."""
     import timm
     from timm.utils import reparameterize_model
 
+    gpu = device == "cuda"
+    batch, amp = (2048, torch.float16) if gpu else (16, None)
     torch.set_num_threads(1)
-    model = B.randomise_norms(create_model(name)).eval()
-    x = torch.randn(16, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    torch.backends.cudnn.benchmark = gpu
+    model = B.randomise_norms(create_model(name)).eval().to(device)
+    x = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(0)).to(device)
     tm = timm.create_model(name)
     tm.load_state_dict(model.state_dict())
-    tm.eval()
-    makers = {f"effvit {k}": v for k, v in B.effvit_forms(model, x, None, compile).items()}
-    makers |= {f"timm {k}": v for k, v in B.timm_forms(tm, x, None, compile).items()}
+    tm.eval().to(device)
+    makers = {f"effvit {k}": v for k, v in B.effvit_forms(model, x, amp, compile).items()}
+    makers |= {f"timm {k}": v for k, v in B.timm_forms(tm, x, amp, compile).items()}
     fns = {k: make() for k, make in makers.items()}
-    # ONNX Runtime on both exports, in the same alternation
-    tmp = tempfile.TemporaryDirectory()
-    ours, theirs = Path(tmp.name) / "effvit.onnx", Path(tmp.name) / "timm.onnx"
-    export_onnx(model, ours)
-    B.export_plain_onnx(reparameterize_model(tm), x[:2], str(theirs))
-    fns["effvit onnxruntime"] = B.onnx_forward(str(ours), x, 1)
-    fns["timm onnxruntime"] = B.onnx_forward(str(theirs), x, 1)
-    timings = B.alternate(fns, seconds * len(fns), rounds, torch.device("cpu"), warmup=1.0)
-    # the reference: effvit's fastest PyTorch form (the 1.5x target is PyTorch against PyTorch)
+    if not gpu:  # ONNX Runtime on both exports, in the same alternation
+        tmp = tempfile.TemporaryDirectory()
+        ours, theirs = Path(tmp.name) / "effvit.onnx", Path(tmp.name) / "timm.onnx"
+        export_onnx(model, ours)
+        B.export_plain_onnx(reparameterize_model(tm), x[:2], str(theirs))
+        fns["effvit onnxruntime"] = B.onnx_forward(str(ours), x, 1)
+        fns["timm onnxruntime"] = B.onnx_forward(str(theirs), x, 1)
+    timings = B.alternate(fns, seconds * len(fns), rounds, torch.device(device), warmup=1.0)
+    # the reference: effvit's fastest PyTorch form (the targets are PyTorch against PyTorch)
     best = min((k for k in timings if k.startswith("effvit") and "onnx" not in k),
                key=lambda k: timings[k].median)
-    tmp.cleanup()
-    return {k: {"img_s": round(16 / t.median, 1), "ms": round(t.median * 1e3, 2), "iters": len(t.times),
+    if not gpu:
+        tmp.cleanup()
+    return {k: {"img_s": round(batch / t.median, 1), "ms": round(t.median * 1e3, 2), "iters": len(t.times),
                 "effvit_best_speedup": round(B.ratio(t, timings[best]), 3)}
             for k, t in timings.items()}
 
@@ -70,38 +78,50 @@ def main() -> int:
     p.add_argument("--compile", action="store_true", help="include torch.compile forms on both sides")
     p.add_argument("--peak-seconds", type=float, default=10.0)
     p.add_argument("--skip-bench", action="store_true")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    gpu = args.device == "cuda"
 
-    peak = B.cpu_peak_flops(1, seconds=args.peak_seconds)
-    print(f"CPU peak fp32, 1 thread (best 2048^3 sgemm over {args.peak_seconds:.0f}s): "
-          f"{peak / 1e9:.1f} GFLOP/s")
+    peak = None
+    if not gpu:
+        peak = B.cpu_peak_flops(1, seconds=args.peak_seconds)
+        print(f"CPU peak fp32, 1 thread (best 2048^3 sgemm over {args.peak_seconds:.0f}s): "
+              f"{peak / 1e9:.1f} GFLOP/s")
 
     if not args.skip_bench:
         common = ["--models", args.models, "--seconds", str(args.seconds), "--rounds", str(args.rounds),
                   "--vs", "timm"]
-        effvit_main(["bench", "--scenarios", "cpu1,ort", *common, "--out", str(out / "bench_1thread"),
-                     *(["--compile"] if args.compile else [])])
-        effvit_main(["bench", "--scenarios", "cpu", *common, "--out", str(out / "bench_all_threads")])
+        compile_flag = ["--compile"] if args.compile else []
+        if gpu:
+            effvit_main(["bench", "--device", "cuda", *common, *compile_flag, "--out", str(out / "bench_gpu")])
+        else:
+            effvit_main(["bench", "--scenarios", "cpu1,ort", *common, *compile_flag,
+                         "--out", str(out / "bench_1thread")])
+            effvit_main(["bench", "--scenarios", "cpu", *common, "--out", str(out / "bench_all_threads")])
 
     from effvit.cli.info import resolve_models
 
-    record = {"peak_gflops_1thread": round(peak / 1e9, 1), "forms": {}}
+    record = {"device": torch.cuda.get_device_name() if gpu else "cpu", "forms": {}}
+    if peak is not None:
+        record["peak_gflops_1thread"] = round(peak / 1e9, 1)
+    setting = "batch 2048, fp16 autocast" if gpu else "1 thread, batch 16, fp32"
     for name in resolve_models(args.forms_models):
-        table = forms_table(name, args.seconds / 2, args.rounds, args.compile)
+        table = forms_table(name, args.seconds / 2, args.rounds, args.compile, args.device)
         record["forms"][name] = table
         macs = count_macs(create_model(name))
         best_e = max(v["img_s"] for k, v in table.items() if k.startswith("effvit") and "onnx" not in k)
-        print(f"\n{name}: all forms, 1 thread, batch 16, fp32 (alternating, medians)\n")
+        print(f"\n{name}: all forms, {setting} (alternating, medians)\n")
         print("| form | img/s | ms/batch | effvit best PyTorch form speed-up (per-round median) |")
         print("|---|---|---|---|")
         for k, v in sorted(table.items(), key=lambda kv: -kv[1]["img_s"]):
             print(f"| {k} | {v['img_s']} | {v['ms']} | {v['effvit_best_speedup']:.2f}x |")
-        frac = macs * 2 * best_e / peak
-        print(f"\n{name} best effvit PyTorch form: {macs / 1e6:.1f}M MACs x 2 x {best_e} img/s = "
-              f"{macs * 2 * best_e / 1e9:.1f} GFLOP/s = {100 * frac:.0f}% of peak")
-        record["forms"][name + "_peak_frac"] = round(frac, 3)
+        if peak is not None:
+            frac = macs * 2 * best_e / peak
+            print(f"\n{name} best effvit PyTorch form: {macs / 1e6:.1f}M MACs x 2 x {best_e} img/s = "
+                  f"{macs * 2 * best_e / 1e9:.1f} GFLOP/s = {100 * frac:.0f}% of peak")
+            record["forms"][name + "_peak_frac"] = round(frac, 3)
         sys.stdout.flush()
     record["paper_top1"] = {k: v.top1 for k, v in VARIANTS.items()}
     (out / "forms.json").write_text(json.dumps(record, indent=2))

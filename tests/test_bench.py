@@ -72,3 +72,42 @@ def test_pick_fastest_skips_broken_forms():
 
 def test_cpu_peak_flops_positive():
     assert cpu_peak_flops(1, n=128, seconds=0.05) > 1e8
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_forms_match_eager_and_graphs_follow_their_input(tmp_path):
+    import timm
+
+    from effvit.fast.benchmark import effvit_forms, randomise_norms, timm_forms
+    from effvit.models import create_model
+
+    model = randomise_norms(create_model("efficientvit_m0")).eval().cuda()
+    tm = timm.create_model("efficientvit_m0")
+    tm.load_state_dict(model.state_dict())
+    tm.eval().cuda()
+    x = torch.randn(8, 3, 224, 224, device="cuda")
+    with torch.inference_mode():
+        ref = model(x)
+    scale = ref.abs().max().item()
+    forms = {f"effvit {k}": v for k, v in effvit_forms(model, x, torch.float16).items()}
+    forms |= {f"timm {k}": v for k, v in timm_forms(tm, x, torch.float16).items()}
+    assert "effvit fused+cudagraph" in forms and "timm reparam+cudagraph" in forms
+    for name, make in forms.items():
+        run = make()
+        diff = (run().float() - ref).abs().max().item()
+        assert diff <= 0.02 * scale, f"{name}: fp16 output differs by {diff} (logits up to {scale})"
+        if name.endswith("cudagraph"):  # a replay reads the captured input buffer's current contents
+            x.mul_(-1)
+            with torch.inference_mode():
+                ref2 = model(x)
+            diff2 = (run().float() - ref2).abs().max().item()
+            x.mul_(-1)
+            assert diff2 <= 0.02 * scale, f"{name}: replay after a new input differs by {diff2}"
+    rc = main(["bench", "--device", "cuda", "--models", "m0", "--batch", "8", "--vs", "timm", "--no-plot",
+               "--out", str(tmp_path), *FAST])
+    assert rc == 0
+    rows = list(csv.DictReader(open(tmp_path / "bench.csv")))
+    assert [(r["scenario"], r["impl"]) for r in rows] == [
+        ("gpu", "effvit"), ("gpu", "timm"), ("gpu-bf16", "effvit"), ("gpu-bf16", "timm")]
+    assert all(float(r["img_s"]) > 0 for r in rows)

@@ -149,6 +149,7 @@ def _bench_one(name: str, scenario: str, threads: int, args, peak: float | None,
     amp = {"gpu": torch.float16, "gpu-bf16": torch.bfloat16}.get(scenario)
     batch = args.batch or (2048 if gpu else 16)
     torch.set_num_threads(threads)
+    torch.backends.cudnn.benchmark = gpu  # fixed shapes: let cuDNN time its algorithms (as timm's bench)
     size = args.img_size
     model = B.randomise_norms(create_model(name, img_size=size)).eval()
     params, macs = count_params(model), count_macs(model, size)

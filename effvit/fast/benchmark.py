@@ -140,21 +140,44 @@ def _compiled(model: nn.Module) -> nn.Module:
     return torch.compile(model)
 
 
-def _runner(fn: Callable, x: torch.Tensor, amp: torch.dtype | None) -> Forward:
+def _runner(fn: Callable, x: torch.Tensor, amp: torch.dtype | None, cast_cache: bool = True) -> Forward:
     def run():
-        with torch.inference_mode(), (torch.autocast(x.device.type, dtype=amp) if amp is not None
-                                      else contextlib.nullcontext()):
+        with torch.inference_mode(), (torch.autocast(x.device.type, dtype=amp, cache_enabled=cast_cache)
+                                      if amp is not None else contextlib.nullcontext()):
             return fn(x)
     return run
 
 
+def _cuda_graphed(fn: Callable, x: torch.Tensor, amp: torch.dtype | None) -> Forward:
+    """One forward captured as a CUDA graph: each replay launches the whole network at once, so the
+    Python and launch cost of a few hundred small kernels leaves the timed path. Same input buffer."""
+    run = _runner(fn, x, amp, cast_cache=False)  # autocast's cast cache must stay out of a captured graph
+    side = torch.cuda.Stream(x.device)
+    side.wait_stream(torch.cuda.current_stream(x.device))
+    with torch.cuda.stream(side):  # capture wants its warm-up (cuDNN/cuBLAS choices) off the main stream
+        for _ in range(3):
+            run()
+    torch.cuda.current_stream(x.device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+
+    def replay():
+        graph.replay()
+        return out
+    return replay
+
+
 def effvit_forms(model: nn.Module, x: torch.Tensor, amp: torch.dtype | None = None,
                  compile: bool = False) -> dict[str, Callable[[], Forward]]:
-    """Candidate forms of our implementation: the fused model eager and traced (+ compiled)."""
+    """Candidate forms of our implementation: the fused model eager and traced, on CUDA also
+    captured as a CUDA graph (+ compiled)."""
     from .fuse import fuse
 
     fused = fuse(model)
     forms: dict[str, Callable[[], Forward]] = {"fused": lambda: _runner(fused, x, amp)}
+    if x.device.type == "cuda":
+        forms["fused+cudagraph"] = lambda: _cuda_graphed(fused, x, amp)
     if amp is None:  # a trace under autocast would bake the casts in; eager covers that case
         def traced():
             with torch.inference_mode():
@@ -168,7 +191,7 @@ def effvit_forms(model: nn.Module, x: torch.Tensor, amp: torch.dtype | None = No
 def timm_forms(model: nn.Module, x: torch.Tensor, amp: torch.dtype | None = None,
                compile: bool = False) -> dict[str, Callable[[], Forward]]:
     """timm's candidate forms for the same weights: eager, reparameterised (BN folded by
-    ``timm.utils.reparameterize_model``), traced, channels-last, (+ compiled)."""
+    ``timm.utils.reparameterize_model``), traced, channels-last, on CUDA a CUDA graph (+ compiled)."""
     from timm.utils import reparameterize_model
 
     rep = reparameterize_model(model.eval())
@@ -185,6 +208,8 @@ def timm_forms(model: nn.Module, x: torch.Tensor, amp: torch.dtype | None = None
                 return _runner(_quiet_trace(m, inp), inp, None)
         forms["reparam+trace"] = lambda: traced(rep, x)
         forms["reparam+cl+trace"] = lambda: traced(rep_cl, x_cl)
+    if x.device.type == "cuda":  # the same graph capture ours gets, so the comparison stays like for like
+        forms["reparam+cudagraph"] = lambda: _cuda_graphed(rep, x, amp)
     if compile:  # inductor picks channels-last for convolutions by itself
         forms["reparam+compile"] = lambda: _runner(_compiled(rep), x, amp)
     return forms
