@@ -160,6 +160,7 @@ def _bench_one(name: str, scenario: str, threads: int, args, peak: float | None,
     probe = args.probe if args.probe is not None else max(args.seconds / 5, 0.05)
 
     impls: dict[str, tuple[str, B.Forward]] = {}
+    probes: dict[str, dict[str, float]] = {}  # every candidate form's probe median: JSON only
     if scenario == "ort":
         tmp = tempfile.TemporaryDirectory()
         from effvit.fast.export import export_onnx
@@ -167,7 +168,7 @@ def _bench_one(name: str, scenario: str, threads: int, args, peak: float | None,
         export_onnx(model, path, size, verify=False)
         impls["effvit"] = ("fused onnx", B.onnx_forward(path, x, threads))
     else:
-        form, fn, _ = B.pick_fastest(B.effvit_forms(model, x, amp, args.compile), probe, device)
+        form, fn, probes["effvit"] = B.pick_fastest(B.effvit_forms(model, x, amp, args.compile), probe, device)
         impls["effvit"] = (form, fn)
     if args.vs == "timm":
         import timm
@@ -181,7 +182,7 @@ def _bench_one(name: str, scenario: str, threads: int, args, peak: float | None,
             B.export_plain_onnx(reparameterize_model(tm).cpu(), x[:2].cpu(), tpath)
             impls["timm"] = ("reparam onnx", B.onnx_forward(tpath, x, threads))
         else:
-            form, fn, _ = B.pick_fastest(B.timm_forms(tm, x, amp, args.compile), probe, device)
+            form, fn, probes["timm"] = B.pick_fastest(B.timm_forms(tm, x, amp, args.compile), probe, device)
             impls["timm"] = (form, fn)
 
     rounds_done = [0]
@@ -207,6 +208,7 @@ def _bench_one(name: str, scenario: str, threads: int, args, peak: float | None,
             "peak_frac": round(macs * 2 * img_s / peak, 3) if peak else None,
             "max_abs_diff": float(f"{(y - ref).abs().max().item():.3g}"),
             "ratio_vs_timm": None, "paper_top1": VARIANTS[name].top1,
+            "probe_ms": {k: round(v * 1e3, 2) for k, v in probes.get(impl, {}).items()},
         })
     if "timm" in timings:
         out[0]["ratio_vs_timm"] = round(B.ratio(timings["timm"], timings["effvit"]), 3)
@@ -234,7 +236,7 @@ def _report(rows: list[dict], meta: dict, args: argparse.Namespace) -> None:
               f"{r['threads'] or '-':>4}{r['img_s']:>10.1f}{r['ms_batch']:>10.2f}{r['params_m']:>7.2f}M"
               f"{r['macs_m']:>7.0f}M{peak:>7}{r['max_abs_diff']:>10.1e}{ratio:>9}")
     with open(out / "bench.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
         w.writeheader()
         w.writerows(rows)
     (out / "bench.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))

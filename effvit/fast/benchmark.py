@@ -194,8 +194,9 @@ def timm_forms(model: nn.Module, x: torch.Tensor, amp: torch.dtype | None = None
     ``timm.utils.reparameterize_model``), traced, channels-last, on CUDA a CUDA graph (+ compiled)."""
     from timm.utils import reparameterize_model
 
-    rep = reparameterize_model(model.eval())
-    rep_cl = reparameterize_model(model.eval()).to(memory_format=torch.channels_last)
+    # timm 1.0.29 builds the folded convs on the CPU whatever the model's device: move them back
+    rep = reparameterize_model(model.eval()).to(x.device)
+    rep_cl = reparameterize_model(model.eval()).to(x.device, memory_format=torch.channels_last)
     x_cl = x.contiguous(memory_format=torch.channels_last)
     forms: dict[str, Callable[[], Forward]] = {
         "eager": lambda: _runner(model, x, amp),
