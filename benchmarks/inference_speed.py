@@ -57,6 +57,9 @@ def forms_table(name: str, seconds: float, rounds: int, compile: bool, device: s
         B.export_plain_onnx(reparameterize_model(tm), x[:2], str(theirs))
         fns["effvit onnxruntime"] = B.onnx_forward(str(ours), x, 1)
         fns["timm onnxruntime"] = B.onnx_forward(str(theirs), x, 1)
+    with torch.inference_mode():
+        ref = model(x).float()
+    diffs = {k: (torch.as_tensor(fn()).to(device).float() - ref).abs().max().item() for k, fn in fns.items()}
     timings = B.alternate(fns, seconds * len(fns), rounds, torch.device(device), warmup=1.0)
     # the reference: effvit's fastest PyTorch form (the targets are PyTorch against PyTorch)
     best = min((k for k in timings if k.startswith("effvit") and "onnx" not in k),
@@ -64,7 +67,7 @@ def forms_table(name: str, seconds: float, rounds: int, compile: bool, device: s
     if not gpu:
         tmp.cleanup()
     return {k: {"img_s": round(batch / t.median, 1), "ms": round(t.median * 1e3, 2), "iters": len(t.times),
-                "effvit_best_speedup": round(B.ratio(t, timings[best]), 3)}
+                "effvit_best_speedup": round(B.ratio(t, timings[best]), 3), "max_abs_diff": float(f"{diffs[k]:.3g}")}
             for k, t in timings.items()}
 
 
@@ -113,10 +116,10 @@ def main() -> int:
         macs = count_macs(create_model(name))
         best_e = max(v["img_s"] for k, v in table.items() if k.startswith("effvit") and "onnx" not in k)
         print(f"\n{name}: all forms, {setting} (alternating, medians)\n")
-        print("| form | img/s | ms/batch | effvit best PyTorch form speed-up (per-round median) |")
-        print("|---|---|---|---|")
+        print("| form | img/s | ms/batch | effvit best PyTorch form speed-up (per-round median) | max abs diff |")
+        print("|---|---|---|---|---|")
         for k, v in sorted(table.items(), key=lambda kv: -kv[1]["img_s"]):
-            print(f"| {k} | {v['img_s']} | {v['ms']} | {v['effvit_best_speedup']:.2f}x |")
+            print(f"| {k} | {v['img_s']} | {v['ms']} | {v['effvit_best_speedup']:.2f}x | {v['max_abs_diff']:.1e} |")
         if peak is not None:
             frac = macs * 2 * best_e / peak
             print(f"\n{name} best effvit PyTorch form: {macs / 1e6:.1f}M MACs x 2 x {best_e} img/s = "

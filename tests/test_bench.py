@@ -70,6 +70,18 @@ def test_pick_fastest_skips_broken_forms():
     assert set(timings) == {"a", "b"} and all(len(t.times) >= 4 for t in timings.values())
 
 
+def test_pick_fastest_drops_forms_with_wrong_outputs():
+    ref = torch.ones(2, 3)
+    forms = {"right": lambda: (lambda: ref + 1e-4), "wrong": lambda: (lambda: ref * 2),
+             "nan": lambda: (lambda: ref * float("nan"))}
+    with pytest.warns(UserWarning, match="'wrong' dropped: wrong outputs, max abs difference 1 "):
+        name, _, med = pick_fastest(forms, 0.01, torch.device("cpu"), reference=ref, tol=1e-3)
+    assert name == "right" and set(med) == {"right"}
+    with pytest.raises(ValueError, match=r"wrong outputs from wrong \(max abs diff 1 > 0.001\), nan"):
+        pick_fastest({k: forms[k] for k in ("wrong", "nan")}, 0.01, torch.device("cpu"), reference=ref,
+                     tol=1e-3)
+
+
 def test_cpu_peak_flops_positive():
     assert cpu_peak_flops(1, n=128, seconds=0.05) > 1e8
 

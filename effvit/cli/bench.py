@@ -158,6 +158,8 @@ def _bench_one(name: str, scenario: str, threads: int, args, peak: float | None,
     with torch.inference_mode():
         ref = model(x).float()
     probe = args.probe if args.probe is not None else max(args.seconds / 5, 0.05)
+    # a form is only timed if it computes the same logits: fp32 to rounding, fp16/bf16 to their precision
+    check = {"reference": ref, "tol": (5e-2 if amp is not None else 1e-3) * max(1.0, ref.abs().max().item())}
 
     impls: dict[str, tuple[str, B.Forward]] = {}
     probes: dict[str, dict[str, float]] = {}  # every candidate form's probe median: JSON only
@@ -168,7 +170,8 @@ def _bench_one(name: str, scenario: str, threads: int, args, peak: float | None,
         export_onnx(model, path, size, verify=False)
         impls["effvit"] = ("fused onnx", B.onnx_forward(path, x, threads))
     else:
-        form, fn, probes["effvit"] = B.pick_fastest(B.effvit_forms(model, x, amp, args.compile), probe, device)
+        forms = B.effvit_forms(model, x, amp, args.compile)
+        form, fn, probes["effvit"] = B.pick_fastest(forms, probe, device, **check)
         impls["effvit"] = (form, fn)
     if args.vs == "timm":
         import timm
@@ -182,7 +185,8 @@ def _bench_one(name: str, scenario: str, threads: int, args, peak: float | None,
             B.export_plain_onnx(reparameterize_model(tm).cpu(), x[:2].cpu(), tpath)
             impls["timm"] = ("reparam onnx", B.onnx_forward(tpath, x, threads))
         else:
-            form, fn, probes["timm"] = B.pick_fastest(B.timm_forms(tm, x, amp, args.compile), probe, device)
+            forms = B.timm_forms(tm, x, amp, args.compile)
+            form, fn, probes["timm"] = B.pick_fastest(forms, probe, device, **check)
             impls["timm"] = (form, fn)
 
     rounds_done = [0]

@@ -79,20 +79,33 @@ def alternate(fns: dict[str, Forward], seconds: float, rounds: int, device: torc
 
 
 def pick_fastest(candidates: dict[str, Callable[[], Forward]], probe: float, device: torch.device,
+                 reference: torch.Tensor | None = None, tol: float = 0.0,
                  ) -> tuple[str, Forward, dict[str, float]]:
-    """Build every candidate (a failure drops it with a warning), time each for ``probe`` seconds in
-    two alternating rounds, return (name, forward, {name: median seconds})."""
+    """Build every candidate, time each for ``probe`` seconds in two alternating rounds, return
+    (name, forward, {name: median seconds}). A candidate that fails to build, or whose output differs
+    from ``reference`` by more than ``tol``, is dropped with a warning: a fast wrong form must never be
+    the one timed."""
     built: dict[str, Forward] = {}
+    wrong: list[str] = []
     for name, make in candidates.items():
         try:
             fn = make()
-            fn()  # first call: compilation, tracing caches, allocator warm-up
+            out = fn()  # first call: compilation, tracing caches, allocator warm-up
             _sync(device)
-            built[name] = fn
         except Exception as e:  # a form this torch/timm cannot produce is skipped, not fatal
             warnings.warn(f"benchmark form {name!r} unavailable: {type(e).__name__}: {e}", stacklevel=2)
+            continue
+        if reference is not None:
+            diff = (torch.as_tensor(out).to(reference.device).float() - reference).abs().max().item()
+            if not diff <= tol:  # also catches NaN
+                wrong.append(f"{name} (max abs diff {diff:.3g} > {tol:.3g})")
+                warnings.warn(f"benchmark form {name!r} dropped: wrong outputs, max abs difference {diff:.3g} "
+                              f"to the reference (tolerance {tol:.3g})", stacklevel=2)
+                continue
+        built[name] = fn
     if not built:
-        raise ValueError("no benchmark form could be built: " + ", ".join(candidates))
+        raise ValueError("no benchmark form could be built" + (": wrong outputs from " + ", ".join(wrong)
+                                                              if wrong else ": " + ", ".join(candidates)))
     if len(built) == 1:
         name, fn = next(iter(built.items()))
         return name, fn, {name: float("nan")}
