@@ -263,6 +263,35 @@ def test_cuda_stages_match_at_the_paper_batch(amp, cudnn_benchmark):
             if bad:
                 errors.append(f"stage {i + 1}: {len(bad)} of 2048 samples differ (first {bad[:5]}, max abs "
                               f"difference {per_sample.max().item():.3g}, tolerance {tol:.3g})")
-        assert not errors, "; ".join(errors)
+        assert not errors, "; ".join(errors) + "; " + _first_diverging_module(fused, x, amp)
     finally:
         torch.backends.cudnn.benchmark = old
+
+
+def _first_diverging_module(fused: torch.nn.Module, x: torch.Tensor, amp: torch.dtype | None) -> str:
+    """Run the fused model on the GPU (under ``amp``) and on the CPU (fp32) with every submodule's output
+    recorded (copied: the residual stream is updated in place), and name the first module, in call order,
+    whose output differs beyond precision."""
+    def record(model):
+        outs, hooks = [], []
+        for name, m in model.named_modules():
+            if name:
+                hooks.append(m.register_forward_hook(
+                    lambda m, i, o, name=name: outs.append((name, o.to("cpu", torch.float32, copy=True)))))
+        return outs, hooks
+
+    gpu_outs, hooks = record(fused)
+    with torch.autocast("cuda", dtype=amp or torch.float32, enabled=amp is not None):
+        fused(x)
+    for h in hooks:
+        h.remove()
+    cpu_model = fuse(_model())  # the same seed: the same weights, on the CPU
+    cpu_outs, hooks = record(cpu_model)
+    cpu_model(x.cpu())
+    for h in hooks:
+        h.remove()
+    for (name, a), (_, b) in zip(gpu_outs, cpu_outs, strict=True):
+        diff = (a - b).abs().max().item()
+        if not diff <= (0.05 if amp is not None else 1e-3) * max(1.0, b.abs().max().item()):
+            return f"first diverging module (call order): {name}, max abs difference {diff:.3g}"
+    return "no single module diverges"
