@@ -221,7 +221,9 @@ class FusedCascadedAttention(nn.Module):
             t = qkv[i]
             if i > 0:
                 t = _acc_gemm(t, feat, self.cascade_w[i - 1])
-            q = dw(t[:, :kd].reshape(Bw, H, W, kd)).view(Bw, N, kd)
+            # the q slice is a strided view of qkv: hand the conv libraries a dense copy (free on CPU:
+            # oneDNN copies it anyway; on CUDA a suspect in the open batch-2048 fault, BENCHMARKS.md "GPU")
+            q = dw(t[:, :kd].reshape(Bw, H, W, kd).contiguous()).view(Bw, N, kd)
             k = t[:, kd:2 * kd].view(Bw, N, kd)
             v = t[:, 2 * kd:].view(Bw, N, d)
             attn = torch.baddbmm(bias[i], q, k.transpose(1, 2)).softmax(dim=-1)
