@@ -59,7 +59,7 @@ def forms_table(name: str, seconds: float, rounds: int, compile: bool, device: s
         fns["timm onnxruntime"] = B.onnx_forward(str(theirs), x, 1)
     with torch.inference_mode():
         ref = model(x).float()
-    diffs = {k: (torch.as_tensor(fn()).to(device).float() - ref).abs().max().item() for k, fn in fns.items()}
+    diffs = {k: B.max_abs_diff(fn(), ref) for k, fn in fns.items()}
     timings = B.alternate(fns, seconds * len(fns), rounds, torch.device(device), warmup=1.0)
     # the reference: effvit's fastest PyTorch form (the targets are PyTorch against PyTorch)
     best = min((k for k in timings if k.startswith("effvit") and "onnx" not in k),

@@ -199,8 +199,6 @@ def _bench_one(name: str, scenario: str, threads: int, args, peak: float | None,
                           warmup=args.warmup, on_round=on_round)
     out = []
     for impl, (form, fn) in impls.items():
-        y = fn()
-        y = torch.as_tensor(y).to(device).float()
         t = timings[impl]
         img_s = t.img_s(batch)
         out.append({
@@ -210,7 +208,7 @@ def _bench_one(name: str, scenario: str, threads: int, args, peak: float | None,
             "ms_batch": round(t.median * 1e3, 2), "params_m": round(params / 1e6, 3),
             "macs_m": round(macs / 1e6, 1),
             "peak_frac": round(macs * 2 * img_s / peak, 3) if peak else None,
-            "max_abs_diff": float(f"{(y - ref).abs().max().item():.3g}"),
+            "max_abs_diff": float(f"{B.max_abs_diff(fn(), ref):.3g}"),
             "ratio_vs_timm": None, "paper_top1": VARIANTS[name].top1,
             "probe_ms": {k: round(v * 1e3, 2) for k, v in probes.get(impl, {}).items()},
         })

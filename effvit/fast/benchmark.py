@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-__all__ = ["Forward", "Timing", "ratio", "time_forward", "alternate", "pick_fastest", "effvit_forms",
-           "timm_forms", "onnx_forward", "export_plain_onnx", "cpu_peak_flops", "randomise_norms"]
+__all__ = ["Forward", "Timing", "ratio", "time_forward", "alternate", "max_abs_diff", "pick_fastest",
+           "effvit_forms", "timm_forms", "onnx_forward", "export_plain_onnx", "cpu_peak_flops", "randomise_norms"]
 
 Forward = Callable[[], object]  # one batch through one form; inputs are bound inside
 
@@ -78,6 +78,12 @@ def alternate(fns: dict[str, Forward], seconds: float, rounds: int, device: torc
     return out
 
 
+def max_abs_diff(out: object, reference: torch.Tensor) -> float:
+    """Largest absolute difference of a form's output (a tensor or an ONNX Runtime array, any dtype or
+    device) to the fp32 reference; NaN if the output has any."""
+    return (torch.as_tensor(out).to(reference.device).float() - reference).abs().max().item()
+
+
 def pick_fastest(candidates: dict[str, Callable[[], Forward]], probe: float, device: torch.device,
                  reference: torch.Tensor | None = None, tol: float = 0.0,
                  ) -> tuple[str, Forward, dict[str, float]]:
@@ -96,7 +102,7 @@ def pick_fastest(candidates: dict[str, Callable[[], Forward]], probe: float, dev
             warnings.warn(f"benchmark form {name!r} unavailable: {type(e).__name__}: {e}", stacklevel=2)
             continue
         if reference is not None:
-            diff = (torch.as_tensor(out).to(reference.device).float() - reference).abs().max().item()
+            diff = max_abs_diff(out, reference)
             if not diff <= tol:  # also catches NaN
                 wrong.append(f"{name} (max abs diff {diff:.3g} > {tol:.3g})")
                 warnings.warn(f"benchmark form {name!r} dropped: wrong outputs, max abs difference {diff:.3g} "
