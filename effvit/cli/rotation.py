@@ -57,7 +57,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         t.add_argument(flag, type=kind)
     t.add_argument("--pretrained", metavar="WEIGHTS", help="backbone weights to start from (any layout)")
     t.add_argument("--output", metavar="DIR", help="runs folder (default runs/rotation)")
-    t.add_argument("--name", help="run folder name under --output")
+    t.add_argument("--name", help="run folder name under --output (a folder holding files is refused unless "
+                   "--resume or --overwrite)")
+    t.add_argument("--overwrite", action="store_true", help="replace the files of an earlier run in the folder")
     t.add_argument("--amp", choices=["none", "bf16", "fp16"])
     t.add_argument("--device", help="auto, cpu, cuda, cuda:1")
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -96,9 +98,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 def resolve_config(args: argparse.Namespace):
     from effvit.train import load_config
     from effvit.train.checkpoint import load_training_state
+    from effvit.train.config import flag_values
 
-    overrides = [f"{key}={getattr(args, attr)}" for attr, key in SHORTCUTS.items()
-                 if getattr(args, attr, None) is not None]
+    values = flag_values(args, SHORTCUTS)
+    if args.overwrite:
+        values.setdefault("run", {})["overwrite"] = True
+    overrides = []
     if args.angle_range is not None:
         lo, hi = parse_angle_range(args.angle_range)
         overrides.append(f"task.angle_range=[{lo}, {hi}]")
@@ -109,7 +114,7 @@ def resolve_config(args: argparse.Namespace):
     config = args.config
     if config is None and base is None:
         config = DEFAULT_CONFIG.get(args.dataset or "folder")
-    return load_config(config, overrides, base=base)
+    return load_config(config, overrides, base=base, values=values)
 
 
 def export_best(result, task, log=print) -> Path | None:

@@ -113,9 +113,10 @@ def download(url: str, sha256: str | None = None, cache_dir: str | Path | None =
     return dst
 
 
-def describe_load_error(path: Path, error: Exception) -> ValueError:
-    """What a file that ``torch.load(weights_only=True)`` refused actually is, as a ValueError. torch's
-    advice to retry with weights_only=False (which runs arbitrary code) is never passed on."""
+def describe_load_error(path: Path, error: Exception, damaged: str = "fetch it again") -> ValueError:
+    """What a file that ``torch.load(weights_only=True)`` refused actually is, as a ValueError (``damaged``:
+    what to do about a truncated one). torch's advice to retry with weights_only=False (which runs
+    arbitrary code) is never passed on."""
     msg = str(error)
     with open(path, "rb") as f:
         head = f.read(64)
@@ -128,7 +129,7 @@ def describe_load_error(path: Path, error: Exception) -> ValueError:
         return ValueError(f"{path} is a Python pickle, not a plain PyTorch weights file; {never}")
     if head.startswith(b"PK\x03\x04"):
         return ValueError(f"{path} is not a readable PyTorch checkpoint ({type(error).__name__}); it may be "
-                          "truncated or corrupt: fetch it again")
+                          f"truncated or corrupt: {damaged}")
     if head.lstrip()[:1] == b"<":
         return ValueError(f"{path} is an HTML or XML page, not a checkpoint: download the file itself")
     return ValueError(f"{path} is not a PyTorch checkpoint (it starts with {head[:8]!r}): it is corrupt or "
