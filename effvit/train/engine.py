@@ -173,8 +173,6 @@ def train_step(model: nn.Module, task: Task, inputs: torch.Tensor, targets: Any,
     ``check_finite``: raise NonFiniteLossError before the update when the loss is NaN or inf on any rank
     (all ranks stop at the same step). It costs a host-device sync per step; the engine passes False and
     checks the returned losses every few steps with ``LossWatch`` instead."""
-    from timm.utils import dispatch_clip_grad
-
     with autocast(device, amp):
         inputs, targets = task.train_batch(inputs, targets)
         outputs = model(inputs)
@@ -184,6 +182,8 @@ def train_step(model: nn.Module, task: Task, inputs: torch.Tensor, targets: Any,
                                  else "the loss is not finite on another rank")
     optimizer.zero_grad(set_to_none=True)
     params = clip_params if clip_params is not None else [p for p in model.parameters() if p.requires_grad]
+    if clip_grad:
+        from timm.utils import dispatch_clip_grad
     if scaler is not None:
         scaler.scale(loss).backward()
         if clip_grad:
@@ -253,9 +253,10 @@ def train_one_epoch(model: nn.Module, task: Task, loader, optimizer, *, epoch: i
         fewest = du.min_over_ranks(n)
         if fewest < MIN_TRAIN_BATCH:
             if ctx.is_main:
-                tqdm.write(f"warning: step {i + 1}/{steps} dropped{' on every process' * ctx.distributed}: "
-                           f"{fewest} readable image(s) left in a batch after skipping unreadable ones (a "
-                           f"training step needs at least {MIN_TRAIN_BATCH})")
+                (logger.info if logger else tqdm.write)(
+                    f"warning: step {i + 1}/{steps} dropped{' on every process' * ctx.distributed}: {fewest} "
+                    f"readable image(s) left in a batch after skipping unreadable ones (a training step needs "
+                    f"at least {MIN_TRAIN_BATCH})")
         else:
             inputs, targets = to_device(inputs, ctx.device), to_device(targets, ctx.device)
             if cfg.model.channels_last:
