@@ -210,3 +210,27 @@ def test_distributed_run_with_a_batch_unreadable_on_one_rank_does_not_hang(tmp_p
     assert all(torch.equal(w0[k], w1[k]) for k in w0)
     rows = [json.loads((tmp_path / f"row_rank{r}.json").read_text()) for r in range(2)]
     assert rows[0]["skipped"] == rows[1]["skipped"] == 4  # summed over the ranks
+
+
+def test_eval_checks_its_output_first_and_always_prints_the_metrics(trained, tmp_path, capsys, monkeypatch):
+    import errno
+
+    import effvit.train
+    import effvit.train.metrics
+
+    data, run = trained
+    (tmp_path / "taken").write_text("a file where the output folder should go")
+    calls = []
+    real_evaluate = effvit.train.evaluate
+    monkeypatch.setattr(effvit.train, "evaluate", lambda *a, **kw: calls.append(1) or real_evaluate(*a, **kw))
+    args = ["eval", "--checkpoint", str(run / "best.pth"), "--data", str(data), "--no-progress", "--workers", "0"]
+    assert main([*args, "--output", str(tmp_path / "taken")]) == 2
+    assert "is a file" in capsys.readouterr().err and not calls  # refused before evaluating
+
+    def full_disk(*a, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(effvit.train.metrics, "plot_confusion", full_disk)
+    assert main([*args, "--output", str(tmp_path / "ok")]) == 2
+    cap = capsys.readouterr()
+    assert "top-1" in cap.out and "No space left" in cap.err  # the numbers were shown before the write failed

@@ -174,6 +174,7 @@ def build_test_set(args: argparse.Namespace, model):
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    from effvit.outputs import writable_dir
     from effvit.rotation.evaluate import evaluate_rotation, summary_lines, write_report
     from effvit.rotation.model import load_rotation_model
     from effvit.rotation.straighten import parse_range
@@ -181,15 +182,14 @@ def run_eval(args: argparse.Namespace) -> int:
     model = load_rotation_model(args.checkpoint, device=args.device, use_ema=args.ema)
     ds, label, angle_range = build_test_set(args, model)
     window = parse_range(args.window) if args.window is not None else model.trained_range
+    out = writable_dir(Path(args.out) if args.out else Path(args.checkpoint).parent / f"eval-{label}", "--out")
     res = evaluate_rotation(model, ds, window=window, batch_size=args.batch_size, workers=args.workers,
                             device=args.device, progress=not args.no_progress)
-    out = Path(args.out) if args.out else Path(args.checkpoint).parent / f"eval-{label}"
     c = model.config
     info = {"checkpoint": str(args.checkpoint), "method": c["method"], "backbone": c["backbone"],
             "data": label, "images": len(ds) // args.repeats, "samples": len(res.rows),
             "repeats": args.repeats,
             "seed": args.seed, "angle_range": list(angle_range), "window": list(window) if window else None}
-    paths = write_report(res, out, title=f"{c['backbone']} / {c['method']} on {label}", extra=info)
     if args.json:
         print(json.dumps({**info, **res.metrics}, indent=2))
     else:
@@ -198,6 +198,9 @@ def run_eval(args: argparse.Namespace) -> int:
                                                           if window else ""))
         for line in summary_lines(res, c["method"]):
             print("  " + line)
+    # the metrics are printed first: a write that fails now (a full disk) loses no result
+    paths = write_report(res, out, title=f"{c['backbone']} / {c['method']} on {label}", extra=info)
+    if not args.json:
         print(f"report: {paths['metrics']}, {paths['predictions']}, {paths['plot']}")
     for s in res.skipped:
         print(f"effvit rotation eval: skipped unreadable image {s}", file=sys.stderr)
