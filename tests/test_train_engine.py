@@ -201,20 +201,52 @@ def test_cuda_training_step():
 
 
 def test_distillation_from_an_effvit_teacher(folder, tmp_path):
-    """DeiT-style: the student grows a distillation head that learns from the teacher's arg-max."""
+    """DeiT-style: the teacher is the checkpoint, head included, and the student's distillation head learns
+    from its arg-max (hard) or its distribution (soft): the loss is exactly that mix."""
+    import torch.nn.functional as F
+
     cfg = tiny_config(folder, tmp_path / "teacher", "sched.epochs=1", "ema.enabled=false")
     teacher = train(_build(cfg), cfg)
+    saved = load_training_state(teacher.last_checkpoint)["state_dict"]
     for kind in ("hard", "soft"):
         st = tiny_config(folder, tmp_path / kind, "sched.epochs=1", "ema.enabled=false",
                          "distill.teacher=efficientvit_m0", f"distill.teacher_checkpoint={teacher.last_checkpoint}",
-                         f"distill.type={kind}", "aug.mixup=0.8")
+                         f"distill.type={kind}", "distill.tau=2.0", "aug.mixup=0", "aug.smoothing=0")
         task = _build(st)
-        assert task.model.head_dist is not None and task.teacher is not None
+        assert task.model.head_dist is not None
+        assert all(torch.equal(v, saved[k]) for k, v in task.teacher.state_dict().items())  # head too
+        x, y = next(iter(build_loader(task.val_dataset, 4)))
+        inputs, targets = task.train_batch(x, y)
+        cls, dist = task.model.train()(inputs)
+        with torch.no_grad():
+            t = task.teacher(x)
+        kd = (F.cross_entropy(dist, t.argmax(1)) if kind == "hard" else
+              F.kl_div(F.log_softmax(dist / 2, 1), F.log_softmax(t / 2, 1), reduction="sum", log_target=True)
+              * 4 / dist.numel())
+        expected = 0.5 * F.cross_entropy(cls, y) + 0.5 * kd
+        torch.testing.assert_close(task.loss((cls, dist), targets), expected)
         result = train(task, st)
-        assert result.history[0]["train_loss"] > 0 and "val_top1" in result.history[0]
+        assert "val_top1" in result.history[0]
         assert "head_dist.linear.weight" in load_training_state(result.last_checkpoint)["state_dict"]
     with pytest.raises(ValueError, match="needs distill.teacher_checkpoint"):
         _build(tiny_config(folder, tmp_path / "x", "distill.teacher=efficientvit_m0"))
+
+
+def test_a_teacher_of_other_classes_or_an_unsafe_file_is_refused(folder, tmp_path):
+    from effvit.models import create_model
+    from effvit.models.weights import save_checkpoint
+
+    imagenet = save_checkpoint(create_model("efficientvit_m0"), tmp_path / "m0_in1k.pth")  # 1000 classes
+    cfg = tiny_config(folder, tmp_path, "distill.teacher=efficientvit_m0", f"distill.teacher_checkpoint={imagenet}")
+    with pytest.raises(ValueError, match="predicts 1000 classes but the student learns 2"):
+        _build(cfg)
+    evil = tmp_path / "evil.pth"
+    torch.save({"model": _Images()}, evil)
+    for teacher in ("efficientvit_m0", "resnet18"):  # effvit's and timm's paths
+        cfg = tiny_config(folder, tmp_path, f"distill.teacher={teacher}", f"distill.teacher_checkpoint={evil}")
+        with pytest.raises(ValueError, match="holds pickled Python objects") as err:
+            _build(cfg)
+        assert "weights_only=False" not in str(err.value)
 
 
 class _Scored(_Regression):
@@ -329,3 +361,13 @@ def test_nan_check_does_not_read_the_loss_on_the_host_every_step(folder, tmp_pat
         train(Task_(model, _Images(4 * steps), None, nan_from_step=10**9), cfg)
         counts.append(len(reads))
     assert counts[0] == counts[1], counts  # before: one bool() per step
+
+
+def test_resume_from_a_pickle_or_a_folder_says_what_it_is(tmp_path):
+    evil = tmp_path / "last.pth"
+    torch.save({"epoch": 1, "optimizer": _Images()}, evil)
+    with pytest.raises(ValueError, match="holds pickled Python objects") as err:
+        load_training_state(evil)
+    assert "weights_only=False" not in str(err.value) and err.value.__cause__ is None
+    with pytest.raises(IsADirectoryError, match="is a folder, not a checkpoint"):
+        load_training_state(tmp_path)

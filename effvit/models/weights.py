@@ -120,7 +120,7 @@ def describe_load_error(path: Path, error: Exception, damaged: str = "fetch it a
     msg = str(error)
     with open(path, "rb") as f:
         head = f.read(64)
-    objects = re.findall(r"GLOBAL ([\w.]+)", msg) or re.findall(r"Unsupported globals?: ([\w.]+)", msg)
+    objects = re.findall(r"GLOBAL ([\w.]*\w)", msg) or re.findall(r"Unsupported globals?: ([\w.]*\w)", msg)
     never = ("effvit never unpickles arbitrary objects: save a plain state dict "
              "(torch.save(model.state_dict(), path)) or safetensors instead")
     if objects:
