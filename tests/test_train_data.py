@@ -176,3 +176,27 @@ def test_a_batch_left_with_one_image_is_dropped_and_said(tmp_path, capsys, mixup
     out = capsys.readouterr().out
     assert "step 1/3 dropped: 1 readable image(s) left in a batch" in out, out
     assert result.history[0]["skipped"] == 3 and np.isfinite(result.history[0]["train_loss"])
+
+
+def test_thread_count_does_not_follow_the_load_unless_asked(monkeypatch):
+    """The shipped Fashion-MNIST recipe and the demo keep torch's thread count whatever the machine's
+    load; counting the idle cores is opt-in (run.threads=idle)."""
+    import os
+
+    from effvit.cli.demo import DEMO_OVERRIDES
+    from effvit.train.engine import configure_threads
+
+    monkeypatch.setattr(os, "getloadavg", lambda: (50.0, 50.0, 50.0))  # a very busy machine
+    before = torch.get_num_threads()
+    try:
+        for cfg in (load_config("fashion_mnist_m0"), load_config("fashion_mnist_m0", DEMO_OVERRIDES)):
+            configure_threads(cfg.run.threads, DistContext())
+            assert torch.get_num_threads() == before
+        configure_threads("idle", DistContext())
+        assert torch.get_num_threads() == 1
+        configure_threads(3, DistContext())
+        assert torch.get_num_threads() == 3
+        with pytest.raises(ValueError, match=r"run.threads must be .*'idle'"):
+            configure_threads(0, DistContext())
+    finally:
+        torch.set_num_threads(before)

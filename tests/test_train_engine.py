@@ -148,9 +148,17 @@ def test_finetune_to_other_classes_and_resolution(folder, tmp_path):
             continue
         assert torch.equal(sd_new[k], v), k
     bn_before = task.model.patch_embed.conv1.bn.running_mean.clone()
+    head_before, stem_before = task.model.head.linear.weight.clone(), task.model.patch_embed.conv1.conv.weight.clone()
     result = train(task, ft)
-    assert result.history[-1]["val_top1"] >= 0
     assert torch.equal(task.model.patch_embed.conv1.bn.running_mean, bn_before)  # --freeze-bn
+    assert not torch.equal(task.model.head.linear.weight, head_before)  # the new head trained...
+    assert not torch.equal(task.model.patch_embed.conv1.conv.weight, stem_before)  # ...and the whole network
+    # the reported accuracy is the 3-class model's on the 48 px validation images
+    x, y = next(iter(build_loader(task.val_dataset, 64)))
+    with torch.no_grad():
+        logits = task.model.eval()(x)
+    assert x.shape[1:] == (3, 48, 48) and logits.shape == (6, 3)
+    assert result.history[-1]["val_top1"] == pytest.approx(100.0 * (logits.argmax(1) == y).float().mean().item())
 
 
 def test_checkpoint_of_another_variant_is_refused(folder, tmp_path):
