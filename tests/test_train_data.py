@@ -12,8 +12,7 @@ import pytest
 import torch
 from _train_helpers import make_image_folder, tiny_config
 
-from effvit.train import build_classification_task, build_loader, evaluate, load_config, packaged_configs
-from effvit.train import Unreadable
+from effvit.train import Unreadable, build_classification_task, build_loader, evaluate, load_config, packaged_configs
 from effvit.train.config import Config
 from effvit.train.data import FASHION_MNIST_DIR, FashionMNIST, build_train_sampler, read_idx
 from effvit.train.distributed import DistContext
