@@ -1,9 +1,11 @@
 """Straighten photos: EXIF orientation, estimate the tilt, rotate back, crop, save in the same format.
 
 The estimate is the counter-clockwise rotation theta the photo carries (signed, in [-180, 180)); the fix
-rotates by -theta. Files are written under an output folder, never over their input; JPEGs keep their
-quantisation tables (so their quality), chroma subsampling, EXIF (orientation reset) and ICC profile.
-A photo whose confidence is under ``min_confidence`` is copied unchanged.
+rotates by -theta. Files are written under an output folder, never over their input, in their format,
+mode and bit depth (16-bit and float images are rotated in float; every frame of an animation by the
+same angle); JPEGs keep their quantisation tables (so their quality), chroma subsampling, EXIF
+(orientation reset) and ICC profile. What cannot be written back without loss (16-bit colour, multi-page
+TIFF) is refused for that file. A photo whose confidence is under ``min_confidence`` is copied unchanged.
 """
 
 from __future__ import annotations
@@ -113,12 +115,11 @@ def straighten_image(img: Image.Image, angle: float, crop: str = "max_area",
         grey = ImageColor.getcolor(fill or "black", "L")
         rotated = rotate_crop(Image.fromarray(values), -angle, crop, resample=Image.Resampling.BICUBIC,
                               fill=lo + grey * (hi - lo) / 255.0)
-        out = np.asarray(rotated)
         if img.mode == "F":
             return rotated
         dtype = np.uint16 if img.mode.startswith("I;16") else np.int32
-        info = np.iinfo(dtype)
-        return Image.fromarray(np.clip(np.rint(out), info.min, info.max).astype(dtype))
+        limits = np.iinfo(dtype)
+        return Image.fromarray(np.clip(np.rint(np.asarray(rotated)), limits.min, limits.max).astype(dtype))
     fill_value = None
     if fill is not None:
         fill_value = ImageColor.getcolor(fill, img.mode)

@@ -106,7 +106,8 @@ def save_epoch(state: dict, last: str | Path, best: str | Path | None = None) ->
     """Write the state of an epoch as ``last`` and, when it is the best so far, as ``best`` too.
 
     best.pth is in place before the last.pth that records it as best: a crash or a full disk at any point
-    leaves the previous last.pth and a best.pth that matches what it records."""
+    leaves the previous last.pth and a best.pth at least as recent as the best epoch it records (the
+    interrupted epoch is trained again on resume and rewrites both)."""
     last = Path(last)
     tmp = _temporary(last)
     try:

@@ -2,8 +2,10 @@
 
 ``train(task, cfg)`` runs epochs of ``train_one_epoch`` + ``evaluate`` with the optimizer, schedule,
 clipping, EMA and mixed precision of ``cfg`` (timm's factories), under DDP when launched by torchrun,
-writing ``last.pth`` / ``best.pth`` atomically every epoch, and resumes from ``last.pth`` exactly. A
-non-finite loss stops the run (on every rank at the same step) with the last good checkpoint intact.
+writing ``last.pth`` / ``best.pth`` atomically every epoch into a run folder it holds alone
+(``effvit.train.rundir``), and resumes from ``last.pth`` exactly. A non-finite loss (checked every log
+interval, without a host-device sync per step) stops the run on every rank with the last good checkpoint
+intact; a batch that unreadable files left too small is dropped by every rank together.
 """
 
 from __future__ import annotations
@@ -356,8 +358,10 @@ def train(task: Task, cfg: Config, *, output_dir: str | Path | None = None, resu
     """Train ``task.model`` on ``task.train_dataset`` as ``cfg`` says; see the module docstring.
 
     ``output_dir``: where logs and checkpoints go (default ``cfg.run.output / cfg.run.name``, or the
-    folder of ``resume``). ``resume``: a ``last.pth`` to continue from (model, EMA, optimizer, schedule,
-    scaler, RNG states, history). ``ctx``: the process group (default: from torchrun's environment).
+    folder of ``resume``); a folder that already holds files is refused unless resuming or
+    ``cfg.run.overwrite``, and it is locked while the run writes. ``resume``: a ``last.pth`` to continue
+    from (model, EMA, optimizer, schedule, scaler, RNG states, history). ``ctx``: the process group
+    (default: from torchrun's environment).
     """
     ctx = ctx or du.init_distributed(cfg.run.device)
     r = cfg.run
