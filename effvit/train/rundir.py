@@ -24,6 +24,8 @@ TEMPORARY = (".*.tmp*", "*.tmp")
 
 
 class RunFolder:
+    """A run's output folder, held by one process from ``claim`` to ``release`` (or the process's end)."""
+
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self._fd: int | None = None
