@@ -136,8 +136,13 @@ def export_torchscript(model: nn.Module, path: str | Path, img_size: int | tuple
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # trace deprecation and constant-shape notes, as above
         traced = torch.jit.freeze(torch.jit.trace(fused, _example(fused, 2, size)))
-    return _write_verified(path, lambda file: torch.jit.save(traced, str(file)),
-                           (lambda file: verify_torchscript(file, ref, size, atol)) if verify else None)
+
+    def write(file: Path) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # save deprecation note
+            torch.jit.save(traced, str(file))
+
+    return _write_verified(path, write, (lambda file: verify_torchscript(file, ref, size, atol)) if verify else None)
 
 
 @torch.no_grad()
