@@ -52,7 +52,7 @@ def main() -> int:
     for method in args.methods.split(","):
         run_dir = out / method
         train = py + ["train", "-c", args.config, "--method", method, "--output", str(out), "--name", method,
-                      "--threads", str(args.threads), "--no-progress"]
+                      "--overwrite", "--threads", str(args.threads), "--no-progress"]
         train += (["--data", args.data] if args.data else []) + args.overrides
         t_train = run(train, env)
         ev = py + ["eval", "--checkpoint", str(run_dir / "best.pth"), "--out", str(run_dir / "test"),

@@ -1,8 +1,9 @@
 """Training throughput: effvit's EfficientViT-M0 against timm's ``efficientvit_m0`` in the same loop.
 
 Both models start from the same weights and run the engine's own ``train_step`` (forward, loss,
-backward, AGC clipping, AdamW step) on the same batches; rounds alternate between them so load changes
-on a shared machine hit both alike. Reports the median images/s of each and their ratio.
+backward, AGC clipping, AdamW step) on the same batches, as the engine calls it: the losses are checked
+for NaN once per round (``LossWatch``), not with a host sync per step. Rounds alternate between the models
+so load changes on a shared machine hit both alike. Reports the median images/s of each and their ratio.
 
     python benchmarks/train_throughput.py             # the Fashion-MNIST demo setting (64 px, grey)
     python benchmarks/train_throughput.py --img-size 224 --in-chans 3 --batch-size 64 --classes 1000
@@ -37,7 +38,7 @@ def main() -> None:
 
     from effvit.models import create_model
     from effvit.train import ClassificationTask
-    from effvit.train.engine import train_step
+    from effvit.train.engine import LossWatch, train_step
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -68,9 +69,12 @@ def main() -> None:
             model, opt, task, times = runs[name]
             sync()
             t = time.perf_counter()
-            for _ in range(args.steps):
-                train_step(model, task, x, y, opt, device=device, amp=args.amp, clip_grad=0.02,
-                           clip_mode="agc")
+            watch = LossWatch()
+            for i in range(args.steps):
+                watch.record(i, train_step(model, task, x, y, opt, device=device, amp=args.amp, clip_grad=0.02,
+                                           clip_mode="agc", check_finite=False))
+            if watch.check() is not None:
+                raise FloatingPointError(f"{name}: non-finite loss")
             sync()
             if r > 0:
                 times.append(args.steps * args.batch_size / (time.perf_counter() - t))

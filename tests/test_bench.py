@@ -82,8 +82,24 @@ def test_pick_fastest_drops_forms_with_wrong_outputs():
                      tol=1e-3)
 
 
-def test_cpu_peak_flops_positive():
-    assert cpu_peak_flops(1, n=128, seconds=0.05) > 1e8
+def test_cpu_peak_flops_is_the_best_sgemm_rate_on_the_asked_threads(monkeypatch):
+    """2 n^3 FLOPs per n x n product over the fastest timed run (the first is warm-up), measured on the
+    asked number of threads, which are restored afterwards."""
+    import effvit.fast.benchmark as bench
+
+    seen = {}
+
+    def fake_times(fn, seconds, device, min_iters=2):
+        out = fn()
+        seen.update(threads=torch.get_num_threads(), shape=tuple(out.shape), seconds=seconds)
+        return [0.001, 0.004, 0.002, 0.003]  # the warm-up would look fastest
+
+    before = torch.get_num_threads()
+    threads = 2 if before == 1 else 1
+    monkeypatch.setattr(bench, "time_forward", fake_times)
+    assert cpu_peak_flops(threads, n=64, seconds=0.5) == pytest.approx(2 * 64 ** 3 / 0.002)
+    assert seen == {"threads": threads, "shape": (64, 64), "seconds": 0.5}
+    assert torch.get_num_threads() == before
 
 
 @pytest.mark.cuda

@@ -103,3 +103,21 @@ def test_export_takes_classes_channels_and_size_from_the_checkpoint(tmp_path):
     got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
     with torch.no_grad():
         assert abs(got - model(x).numpy()).max() <= 1e-4
+
+
+def test_failed_verification_leaves_no_file(tmp_path, capsys):
+    """--atol 0 cannot be met (float rounding): exit 2, and no unverified file at the final name, nor a
+    temporary one; an earlier good export at that name is kept."""
+    good = tmp_path / "efficientvit_m0_64x64.onnx"
+    good.write_bytes(b"an earlier export")
+    before = good.read_bytes()
+    for fmt in ("onnx", "torchscript"):
+        assert main(["export", "--model", "m0", "--img-size", "64", "--format", fmt, "--out", str(tmp_path),
+                     "--atol", "0"]) == 2
+        assert "it was not written" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [good.name] and good.read_bytes() == before
+
+
+def test_export_refuses_a_size_of_zero(tmp_path, capsys):
+    assert main(["export", "--model", "m0", "--img-size", "0", "--out", str(tmp_path)]) == 2
+    assert "positive numbers of pixels" in capsys.readouterr().err

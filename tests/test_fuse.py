@@ -103,7 +103,7 @@ def test_headless_and_other_classes():
 
 @torch.no_grad()
 def test_source_untouched_input_untouched_no_grad():
-    model = _model().train()
+    model = create_model("efficientvit_m0").train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     fused = fuse(model)
     assert model.training and not fused.training
@@ -217,8 +217,17 @@ def test_trace_script_and_compile_graph():
     _close(compiled(x), ref)
 
 
-def test_fused_type():
-    assert isinstance(fuse(_model()), FusedEfficientVit)
+def test_fuse_gives_an_inference_model_and_leaves_the_source_alone():
+    """fuse's promise: an eval-mode FusedEfficientVit without BatchNorm or gradients, on the source's dtype,
+    the source model untouched (its training mode and weights)."""
+    model = create_model("efficientvit_m0").train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fused = fuse(model.double())
+    assert isinstance(fused, FusedEfficientVit) and not fused.training
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in fused.modules())
+    assert all(not p.requires_grad and p.dtype == torch.float64 for p in fused.parameters())
+    assert model.training and all(torch.equal(v.double() if v.is_floating_point() else v, model.state_dict()[k])
+                                  for k, v in before.items())
 
 
 @pytest.mark.cuda

@@ -1,6 +1,7 @@
 """Rotation model (effvit and timm backbones), its weight file, and the straighten library."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -218,3 +219,26 @@ def test_bundled_photo_model_runs_straighten_by_default(tmp_path, capsys):
     assert main(["straighten", str(tmp_path / "x.jpg"), "--dry-run", "--json"]) == 0
     (row,) = json.loads(capsys.readouterr().out)
     assert -45.0 <= row["angle"] <= 45.0 and 0.0 <= row["confidence"] <= 1.0 and row["output"] is None
+
+
+def test_damaged_or_mismatched_rotation_models_get_clear_errors(tmp_path, capsys):
+    """straighten --model / rotation eval --checkpoint: one line saying what is wrong, no traceback."""
+    from safetensors.torch import load_file, save_file
+
+    from effvit.cli import main
+
+    good = save_rotation_model(RotationModel("m0", "cgd", img_size=32), tmp_path / "good.safetensors")
+    (tmp_path / "cut.safetensors").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    cfg = read_rotation_config(good)
+    save_file(load_file(str(good)), str(tmp_path / "other.safetensors"),  # uv config, cgd weights
+              metadata={"effvit_rotation": json.dumps({**cfg, "method": "uv"})})
+    Image.new("RGB", (40, 30)).save(tmp_path / "a.png")
+    expected = {"cut.safetensors": "is not a readable safetensors file",
+                "other.safetensors": "does not hold the weights its config describes .*method uv",
+                ".": "is a folder, not a rotation model"}
+    for name, message in expected.items():
+        for cmd in (["straighten", str(tmp_path / "a.png"), "--dry-run", "--model", str(tmp_path / name)],
+                    ["rotation", "eval", "--checkpoint", str(tmp_path / name), "--data", str(tmp_path)]):
+            assert main(cmd) == 2, cmd
+            err = capsys.readouterr().err
+            assert re.search(message, err) and "Traceback" not in err, err

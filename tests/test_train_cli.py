@@ -154,3 +154,83 @@ def test_torchrun_two_cpu_processes(tmp_path):
     last = torch.load(run / "last.pth", weights_only=True)
     assert len(last["rng"]) == 2 and last["epoch"] == 2
     assert all(torch.equal(last["state_dict"][k], w0[k]) for k in w0)
+
+
+def test_flag_values_are_text_and_overrides_follow_the_declared_type(tmp_path):
+    """--data 'data/good #2' is that folder (not 'data/good', YAML's comment), --name 007 is '007' (not 7);
+    --set parses by the setting's type: text for strings, YAML for the rest."""
+    from effvit.cli import build_parser
+    from effvit.cli import rotation as rotation_cli
+    from effvit.cli import train as train_cli
+
+    args = build_parser().parse_args(["train", "--data", "data/good #2", "--name", "007", "--output",
+                                      "runs: 2", "--epochs", "3", "--lr", "1e-3"])
+    cfg = train_cli.resolve_config(args)
+    assert (cfg.data.root, cfg.run.name, cfg.run.output) == ("data/good #2", "007", "runs: 2")
+    assert (cfg.sched.epochs, cfg.optim.lr) == (3, 1e-3)
+    args = build_parser().parse_args(["train", "--set", "run.name=007", "data.root=a #b", "model.pretrained=null",
+                                      "sched.epochs=4", "aug.scale=[0.5, 1]", "run.output='quoted'"])
+    cfg = train_cli.resolve_config(args)
+    assert (cfg.run.name, cfg.data.root, cfg.model.pretrained) == ("007", "a #b", None)
+    assert (cfg.sched.epochs, cfg.aug.scale, cfg.run.output) == (4, (0.5, 1.0), "quoted")
+    args = build_parser().parse_args(["rotation", "train", "--data", "photos #1", "--name", "0042"])
+    cfg = rotation_cli.resolve_config(args)
+    assert (cfg.data.root, cfg.run.name) == ("photos #1", "0042")
+
+
+def test_a_second_run_with_the_same_name_is_refused(trained, capsys):
+    data, run = trained
+    before = (run / "last.pth").read_bytes()
+    rc = main(["train", *TINY, "--data", str(data), "--epochs", "1", "--output", str(run.parent), "--name", "run"])
+    assert rc == 2 and "already holds files" in capsys.readouterr().err
+    assert (run / "last.pth").read_bytes() == before
+
+
+def test_distributed_run_with_a_batch_unreadable_on_one_rank_does_not_hang(tmp_path, capfd):
+    """2 gloo processes; rank 1's first batch is all unreadable files. Every rank drops that step (it holds
+    DDP's all-reduce), so both finish the epoch, with identical weights, instead of waiting forever."""
+    import multiprocessing as mp
+
+    from _train_helpers import ddp_rank
+
+    spawn = mp.get_context("spawn")
+    procs = [spawn.Process(target=ddp_rank, args=(r, 2, str(tmp_path / "init"), str(tmp_path))) for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=60)
+    hung = [p.is_alive() for p in procs]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    assert not any(hung), "the ranks waited for each other"
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert "step 1/2 dropped on every process: 0 readable image(s)" in capfd.readouterr().out
+    w0, w1 = (torch.load(tmp_path / f"weights_rank{r}.pth", weights_only=True) for r in range(2))
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)
+    rows = [json.loads((tmp_path / f"row_rank{r}.json").read_text()) for r in range(2)]
+    assert rows[0]["skipped"] == rows[1]["skipped"] == 4  # summed over the ranks
+
+
+def test_eval_checks_its_output_first_and_always_prints_the_metrics(trained, tmp_path, capsys, monkeypatch):
+    import errno
+
+    import effvit.train
+    import effvit.train.metrics
+
+    data, run = trained
+    (tmp_path / "taken").write_text("a file where the output folder should go")
+    calls = []
+    real_evaluate = effvit.train.evaluate
+    monkeypatch.setattr(effvit.train, "evaluate", lambda *a, **kw: calls.append(1) or real_evaluate(*a, **kw))
+    args = ["eval", "--checkpoint", str(run / "best.pth"), "--data", str(data), "--no-progress", "--workers", "0"]
+    assert main([*args, "--output", str(tmp_path / "taken")]) == 2
+    assert "is a file" in capsys.readouterr().err and not calls  # refused before evaluating
+
+    def full_disk(*a, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(effvit.train.metrics, "plot_confusion", full_disk)
+    assert main([*args, "--output", str(tmp_path / "ok")]) == 2
+    cap = capsys.readouterr()
+    assert "top-1" in cap.out and "No space left" in cap.err  # the numbers were shown before the write failed

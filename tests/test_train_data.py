@@ -9,9 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from _train_helpers import make_image_folder, tiny_config
 
-from effvit.train import build_classification_task, build_loader, evaluate, load_config, packaged_configs
+from effvit.train import Unreadable, build_classification_task, build_loader, evaluate, load_config, packaged_configs
 from effvit.train.config import Config
 from effvit.train.data import FASHION_MNIST_DIR, FashionMNIST, build_train_sampler, read_idx
 from effvit.train.distributed import DistContext
@@ -133,3 +134,68 @@ def test_lr_scaling_rule_and_no_decay_groups():
     for name, p in model.named_parameters():
         expect = p.ndim <= 1 or name.endswith("attention_biases")
         assert (id(p) in no_decay) == expect, name
+
+
+class _SomeUnreadable(torch.utils.data.Dataset):
+    """Two classes of flat images; the items in ``bad`` cannot be decoded."""
+
+    def __init__(self, n: int, bad=()):
+        g = torch.Generator().manual_seed(0)
+        self.y = torch.arange(n) % 2
+        self.x = torch.rand(n, 3, 32, 32, generator=g) * 0.2 + self.y[:, None, None, None] * 0.5
+        self.bad = set(bad)
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return Unreadable(f"img{i}.png", "OSError: broken") if i in self.bad else (self.x[i], int(self.y[i]))
+
+
+@pytest.mark.parametrize("mixup", [0.0, 0.8])
+def test_a_batch_left_with_one_image_is_dropped_and_said(tmp_path, capsys, mixup):
+    """Batch 4 whose first batch keeps one readable image: BatchNorm cannot train on it (and mixup would
+    pair it with nothing, a NaN loss): the step is dropped with a warning, the rest of the epoch trains."""
+    from effvit.models import create_model
+    from effvit.train import ClassificationTask, train
+    from effvit.train.engine import seed_everything
+
+    cfg = tiny_config(tmp_path, tmp_path / "out", "sched.epochs=1", "ema.enabled=false", "run.eval_every=0",
+                      f"aug.mixup={mixup}")
+    first_batch = list(build_train_sampler(range(12), DistContext(), seed=cfg.run.seed))[:4]
+    seed_everything(0)
+    mix = None
+    if mixup:
+        from timm.data import Mixup
+
+        mix = Mixup(mixup_alpha=mixup, num_classes=2)
+    task = ClassificationTask(create_model("efficientvit_m0", num_classes=2, img_size=32),
+                              _SomeUnreadable(12, bad=first_batch[:3]), None, num_classes=2, mixup=mix)
+    result = train(task, cfg)
+    out = capsys.readouterr().out
+    assert "step 1/3 dropped: 1 readable image(s) left in a batch" in out, out
+    assert result.history[0]["skipped"] == 3 and np.isfinite(result.history[0]["train_loss"])
+
+
+def test_thread_count_does_not_follow_the_load_unless_asked(monkeypatch):
+    """The shipped Fashion-MNIST recipe and the demo keep torch's thread count whatever the machine's
+    load; counting the idle cores is opt-in (run.threads=idle)."""
+    import os
+
+    from effvit.cli.demo import DEMO_OVERRIDES
+    from effvit.train.engine import configure_threads
+
+    monkeypatch.setattr(os, "getloadavg", lambda: (50.0, 50.0, 50.0))  # a very busy machine
+    before = torch.get_num_threads()
+    try:
+        for cfg in (load_config("fashion_mnist_m0"), load_config("fashion_mnist_m0", DEMO_OVERRIDES)):
+            configure_threads(cfg.run.threads, DistContext())
+            assert torch.get_num_threads() == before
+        configure_threads("idle", DistContext())
+        assert torch.get_num_threads() == 1
+        configure_threads(3, DistContext())
+        assert torch.get_num_threads() == 3
+        with pytest.raises(ValueError, match=r"run.threads must be .*'idle'"):
+            configure_threads(0, DistContext())
+    finally:
+        torch.set_num_threads(before)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from _train_helpers import make_image_folder, tiny_config
@@ -146,9 +148,17 @@ def test_finetune_to_other_classes_and_resolution(folder, tmp_path):
             continue
         assert torch.equal(sd_new[k], v), k
     bn_before = task.model.patch_embed.conv1.bn.running_mean.clone()
+    head_before, stem_before = task.model.head.linear.weight.clone(), task.model.patch_embed.conv1.conv.weight.clone()
     result = train(task, ft)
-    assert result.history[-1]["val_top1"] >= 0
     assert torch.equal(task.model.patch_embed.conv1.bn.running_mean, bn_before)  # --freeze-bn
+    assert not torch.equal(task.model.head.linear.weight, head_before)  # the new head trained...
+    assert not torch.equal(task.model.patch_embed.conv1.conv.weight, stem_before)  # ...and the whole network
+    # the reported accuracy is the 3-class model's on the 48 px validation images
+    x, y = next(iter(build_loader(task.val_dataset, 64)))
+    with torch.no_grad():
+        logits = task.model.eval()(x)
+    assert x.shape[1:] == (3, 48, 48) and logits.shape == (6, 3)
+    assert result.history[-1]["val_top1"] == pytest.approx(100.0 * (logits.argmax(1) == y).float().mean().item())
 
 
 def test_checkpoint_of_another_variant_is_refused(folder, tmp_path):
@@ -199,17 +209,173 @@ def test_cuda_training_step():
 
 
 def test_distillation_from_an_effvit_teacher(folder, tmp_path):
-    """DeiT-style: the student grows a distillation head that learns from the teacher's arg-max."""
+    """DeiT-style: the teacher is the checkpoint, head included, and the student's distillation head learns
+    from its arg-max (hard) or its distribution (soft): the loss is exactly that mix."""
+    import torch.nn.functional as F
+
     cfg = tiny_config(folder, tmp_path / "teacher", "sched.epochs=1", "ema.enabled=false")
     teacher = train(_build(cfg), cfg)
+    saved = load_training_state(teacher.last_checkpoint)["state_dict"]
     for kind in ("hard", "soft"):
         st = tiny_config(folder, tmp_path / kind, "sched.epochs=1", "ema.enabled=false",
                          "distill.teacher=efficientvit_m0", f"distill.teacher_checkpoint={teacher.last_checkpoint}",
-                         f"distill.type={kind}", "aug.mixup=0.8")
+                         f"distill.type={kind}", "distill.tau=2.0", "aug.mixup=0", "aug.smoothing=0")
         task = _build(st)
-        assert task.model.head_dist is not None and task.teacher is not None
+        assert task.model.head_dist is not None
+        assert all(torch.equal(v, saved[k]) for k, v in task.teacher.state_dict().items())  # head too
+        x, y = next(iter(build_loader(task.val_dataset, 4)))
+        inputs, targets = task.train_batch(x, y)
+        cls, dist = task.model.train()(inputs)
+        with torch.no_grad():
+            t = task.teacher(x)
+        kd = (F.cross_entropy(dist, t.argmax(1)) if kind == "hard" else
+              F.kl_div(F.log_softmax(dist / 2, 1), F.log_softmax(t / 2, 1), reduction="sum", log_target=True)
+              * 4 / dist.numel())
+        expected = 0.5 * F.cross_entropy(cls, y) + 0.5 * kd
+        torch.testing.assert_close(task.loss((cls, dist), targets), expected)
         result = train(task, st)
-        assert result.history[0]["train_loss"] > 0 and "val_top1" in result.history[0]
+        assert "val_top1" in result.history[0]
         assert "head_dist.linear.weight" in load_training_state(result.last_checkpoint)["state_dict"]
     with pytest.raises(ValueError, match="needs distill.teacher_checkpoint"):
         _build(tiny_config(folder, tmp_path / "x", "distill.teacher=efficientvit_m0"))
+
+
+def test_a_teacher_of_other_classes_or_an_unsafe_file_is_refused(folder, tmp_path):
+    from effvit.models import create_model
+    from effvit.models.weights import save_checkpoint
+
+    imagenet = save_checkpoint(create_model("efficientvit_m0"), tmp_path / "m0_in1k.pth")  # 1000 classes
+    cfg = tiny_config(folder, tmp_path, "distill.teacher=efficientvit_m0", f"distill.teacher_checkpoint={imagenet}")
+    with pytest.raises(ValueError, match="predicts 1000 classes but the student learns 2"):
+        _build(cfg)
+    evil = tmp_path / "evil.pth"
+    torch.save({"model": _Images()}, evil)
+    for teacher in ("efficientvit_m0", "resnet18"):  # effvit's and timm's paths
+        cfg = tiny_config(folder, tmp_path, f"distill.teacher={teacher}", f"distill.teacher_checkpoint={evil}")
+        with pytest.raises(ValueError, match="holds pickled Python objects") as err:
+            _build(cfg)
+        assert "weights_only=False" not in str(err.value)
+
+
+class _Scored(_Regression):
+    """Validation 'score' read from a script, one value per evaluation: which epoch is best is known."""
+
+    best_metric, best_mode = "score", "max"
+
+    def __init__(self, *a, scores, **kw):
+        super().__init__(*a, nan_from_step=10**9, **kw)
+        self.scores = list(scores)
+
+    def summarize(self, stats):
+        return {"score": self.scores.pop(0)}
+
+
+def _scored_run(cfg, scores, resume=None):
+    from effvit.models import create_model
+
+    seed_everything(0)
+    model = create_model("efficientvit_m0", num_classes=1, img_size=32)
+    return train(_Scored(model, _Images(8), _Images(4), scores=scores), cfg, resume=resume)
+
+
+def _best_epoch(run):
+    return load_training_state(run / "best.pth")["epoch"], load_training_state(run / "last.pth")["best"]["epoch"]
+
+
+def test_best_checkpoint_survives_a_full_disk_and_a_kill(folder, tmp_path, monkeypatch):
+    """The disk fills up while epoch 2 (the new best) is saved: the run stops with best.pth and last.pth
+    still agreeing (epoch 1); resumed, epoch 2 becomes best.pth again. A temporary file left by a killed
+    process is cleaned up."""
+    import errno
+
+    cfg = tiny_config(folder, tmp_path, "sched.epochs=3", "ema.enabled=false")
+    run = tmp_path / "run"
+    real_replace = os.replace
+
+    def full_disk(src, dst, *a, **kw):
+        if os.fspath(dst).endswith("best.pth") and load_training_state(src)["epoch"] == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_replace(src, dst, *a, **kw)
+
+    monkeypatch.setattr(os, "replace", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        _scored_run(cfg, [1.0, 2.0, 3.0])
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert sorted(p.name for p in run.iterdir() if ".tmp" in p.name) == []
+    assert _best_epoch(run) == (1, 1)
+    (run / ".last.pth.tmp99999").write_bytes(b"half a checkpoint")  # what a SIGKILL leaves
+    _scored_run(cfg, [2.0, 2.0], resume=run / "last.pth")  # epoch 2 is best, epoch 3 no better
+    assert _best_epoch(run) == (2, 2)
+    assert not (run / ".last.pth.tmp99999").exists()
+
+
+def test_resume_recreates_a_missing_best_checkpoint(folder, tmp_path):
+    cfg = tiny_config(folder, tmp_path, "sched.epochs=2", "ema.enabled=false", "run.stop_after=1")
+    run = tmp_path / "run"
+    _scored_run(cfg, [1.0])
+    (run / "best.pth").unlink()  # e.g. lost in a crash of an older version, after last.pth was written
+    cfg.run.stop_after = None
+    result = _scored_run(cfg, [0.5], resume=run / "last.pth")  # epoch 2 is worse: best stays epoch 1
+    assert result.best["epoch"] == 1 and _best_epoch(run) == (1, 1)
+    assert "re-created" in (run / "log.txt").read_text()
+
+
+def test_run_folder_is_never_overwritten_nor_shared(folder, tmp_path):
+    from effvit.train.rundir import RunFolder
+
+    cfg = tiny_config(folder, tmp_path, "sched.epochs=1", "ema.enabled=false")
+    first = train(_build(cfg), cfg)
+    before = (first.output_dir / "last.pth").read_bytes()
+    with pytest.raises(FileExistsError, match=r"already holds files .*--resume .*--overwrite"):
+        train(_build(cfg), cfg)
+    assert (first.output_dir / "last.pth").read_bytes() == before  # the old run is untouched
+    with RunFolder(first.output_dir) as other:  # another process writing to the folder
+        other.claim(resume=True)
+        with pytest.raises(FileExistsError, match=rf"in use by another process \(pid {os.getpid()}\)"):
+            train(_build(cfg), cfg, resume=first.last_checkpoint)
+    cfg.run.overwrite = True
+    (first.output_dir / "notes.txt").write_text("mine")
+    second = train(_build(cfg), cfg)
+    assert (second.output_dir / "last.pth").read_bytes() != before
+    assert (second.output_dir / "notes.txt").read_text() == "mine"  # only the run's own files are replaced
+    assert "removed best.pth, config.yaml, curves.png, last.pth, log.csv, log.txt" in (
+        second.output_dir / "log.txt").read_text()
+
+
+def test_nan_check_does_not_read_the_loss_on_the_host_every_step(folder, tmp_path):
+    """A host read of a device tensor waits for the device: the finiteness check must not add one per
+    step. Counted on the losses themselves: an epoch of 8 steps reads them as often as one of 2."""
+    from effvit.models import create_model
+
+    reads = []
+
+    class Counted(torch.Tensor):
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            if getattr(func, "__name__", "") in ("item", "__bool__", "__float__", "__int__", "cpu", "tolist"):
+                reads.append(func.__name__)
+            return super().__torch_function__(func, types, args, kwargs or {})
+
+    class Task_(_Regression):
+        def loss(self, outputs, targets):
+            return super().loss(outputs, targets).as_subclass(Counted)
+
+    counts = []
+    for steps in (2, 8):
+        cfg = tiny_config(folder, tmp_path / str(steps), "sched.epochs=1", "ema.enabled=false",
+                          "run.log_interval=100", "run.eval_every=0")
+        model = create_model("efficientvit_m0", num_classes=1, img_size=32)
+        reads.clear()
+        train(Task_(model, _Images(4 * steps), None, nan_from_step=10**9), cfg)
+        counts.append(len(reads))
+    assert counts[0] == counts[1], counts  # before: one bool() per step
+
+
+def test_resume_from_a_pickle_or_a_folder_says_what_it_is(tmp_path):
+    evil = tmp_path / "last.pth"
+    torch.save({"epoch": 1, "optimizer": _Images()}, evil)
+    with pytest.raises(ValueError, match="holds pickled Python objects") as err:
+        load_training_state(evil)
+    assert "weights_only=False" not in str(err.value) and err.value.__cause__ is None
+    with pytest.raises(IsADirectoryError, match="is a folder, not a checkpoint"):
+        load_training_state(tmp_path)

@@ -2,8 +2,8 @@
 
 import hashlib
 import http.server
+import pickle
 import threading
-from functools import partial
 
 import pytest
 import timm
@@ -15,6 +15,7 @@ import effvit
 from effvit.models.efficientvit import bias_index
 from effvit.models.weights import (
     detect_variant,
+    download,
     official_to_timm,
     read_checkpoint,
     resize_bias_table,
@@ -99,29 +100,117 @@ def test_effvit_checkpoint_round_trip_and_timm_loads_our_export(reference, tmp_p
     torch.testing.assert_close(_logits(theirs, x), expected, rtol=0, atol=1e-5)
 
 
-def test_url_download_checks_sha256(reference, tmp_path, monkeypatch):
+class _Server:
+    """A loopback HTTP server answering from ``routes``: path (with query) -> (body, content type, bytes
+    actually sent or None for all); ``requests`` lists what was asked for."""
+
+    def __init__(self):
+        self.routes: dict[str, tuple[bytes, str, int | None]] = {}
+        self.requests: list[str] = []
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                server.requests.append(self.path)
+                if self.path not in server.routes:
+                    self.send_error(404)
+                    return
+                body, ctype, sent = server.routes[self.path]
+                self.send_response(200)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body[:sent])  # fewer bytes than announced: a transfer cut off
+                self.close_connection = True
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_port}"
+
+    def serve(self, path: str, body: bytes, ctype: str = "application/octet-stream", sent: int | None = None):
+        self.routes[path] = (body, ctype, sent)
+        return self.url + path
+
+
+@pytest.fixture
+def server(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    s = _Server()
+    threading.Thread(target=s.httpd.serve_forever, daemon=True).start()
+    yield s
+    s.httpd.shutdown()
+    s.httpd.server_close()
+
+
+def _cached_files(tmp_path):
+    return sorted(p for p in (tmp_path / "hub").rglob("*") if p.is_file())
+
+
+def _weights_bytes(tmp_path, seed: int, suffix: str = ".safetensors") -> bytes:
+    torch.manual_seed(seed)
+    path = effvit.save_checkpoint(effvit.create_model("efficientvit_m0"), tmp_path / f"w{seed}{suffix}")
+    return path.read_bytes()
+
+
+def test_url_download_checks_sha256(reference, tmp_path, server):
     sd, x, expected = reference
-    served = tmp_path / "served"
-    served.mkdir()
-    path = served / "m0.safetensors"
+    path = tmp_path / "m0.safetensors"
     save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
-    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
-    handler.log_message = lambda *a: None
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{server.server_port}/m0.safetensors"
-        with pytest.raises(ValueError, match="SHA-256 mismatch"):
-            effvit.create_model("efficientvit_m0", pretrained=url, pretrained_sha256="0" * 64)
-        cached = tmp_path / "hub" / "checkpoints" / "effvit" / "m0.safetensors"
-        assert not cached.exists(), "a file failing its hash must not stay in the cache"
-        model = effvit.create_model("efficientvit_m0", pretrained=url, pretrained_sha256=digest)
-        assert cached.exists()
-        torch.testing.assert_close(_logits(model, x), expected, rtol=0, atol=1e-5)
-    finally:
-        server.shutdown()
+    url = server.serve("/m0.safetensors", path.read_bytes())
+    with pytest.raises(ValueError, match="SHA-256 mismatch"):
+        effvit.create_model("efficientvit_m0", pretrained=url, pretrained_sha256="0" * 64)
+    assert not _cached_files(tmp_path), "a file failing its hash must not stay in the cache"
+    model = effvit.create_model("efficientvit_m0", pretrained=url, pretrained_sha256=digest)
+    assert [p.name for p in _cached_files(tmp_path)] == ["m0.safetensors"]
+    torch.testing.assert_close(_logits(model, x), expected, rtol=0, atol=1e-5)
+
+
+def test_download_cache_is_keyed_by_the_whole_url(tmp_path, server):
+    """Same file name under other folders or queries: other weights, each fetched once."""
+    bodies = {path: _weights_bytes(tmp_path, seed) for seed, path in enumerate(
+        ["/org1/model.safetensors", "/org2/model.safetensors", "/m0.safetensors?token=a",
+         "/m0.safetensors?token=b"])}
+    urls = {path: server.serve(path, body) for path, body in bodies.items()}
+    for _ in range(2):
+        for path, url in urls.items():
+            got = download(url)
+            assert got.name == path.split("/")[-1].split("?")[0]  # the file keeps its readable name
+            assert got.read_bytes() == bodies[path], path
+    assert sorted(server.requests) == sorted(bodies)  # one request per URL: the second round is cached
+    assert len(_cached_files(tmp_path)) == 4
+
+
+def test_cut_off_download_is_not_cached(tmp_path, server):
+    body = _weights_bytes(tmp_path, 0, ".pth")
+    url = server.serve("/m0.pth", body, sent=len(body) // 2)
+    with pytest.raises(OSError, match=rf"stopped after {len(body) // 2} of {len(body)} bytes"):
+        download(url)
+    assert not _cached_files(tmp_path)  # no partial file, not even a temporary one
+    server.serve("/m0.pth", body)  # the retry gets the whole file
+    assert download(url).read_bytes() == body
+
+
+def test_html_page_at_a_checkpoint_url_is_refused(tmp_path, server):
+    page = b"<!DOCTYPE html><html><body>Sign in to continue</body></html>"
+    url = server.serve("/m0.pth", page, ctype="text/html; charset=utf-8")
+    with pytest.raises(ValueError, match="HTML page, not a checkpoint"):
+        download(url)
+    url = server.serve("/m1.pth", page)  # a server that does not say it is HTML
+    with pytest.raises(ValueError, match="HTML or XML page"):
+        download(url)
+    assert not _cached_files(tmp_path)
+
+
+def test_cached_file_that_does_not_load_is_fetched_again(tmp_path, server):
+    body = _weights_bytes(tmp_path, 0, ".pth")
+    url = server.serve("/m0.pth", body)
+    cached = download(url)
+    cached.write_bytes(body[:1000])  # damaged on disk (or left by an older version)
+    assert download(url).read_bytes() == body
+    assert server.requests == ["/m0.pth", "/m0.pth"]
 
 
 def test_checkpoint_of_another_variant_is_named(tmp_path):
@@ -145,6 +234,13 @@ def test_corrupt_and_missing_files(reference, tmp_path):
         effvit.create_model("efficientvit_m0", pretrained=bad_st)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         effvit.create_model("efficientvit_m0", pretrained=tmp_path / "nope.pth")
+    with pytest.raises(IsADirectoryError, match="is a folder, not a checkpoint"):
+        effvit.create_model("efficientvit_m0", pretrained=tmp_path)
+    noise = tmp_path / "noise.pth"
+    noise.write_bytes(bytes(range(7, 256)) * 4)
+    with pytest.raises(ValueError, match=r"is not a PyTorch checkpoint \(it starts with b'\\x07\\x08") as err:
+        effvit.create_model("efficientvit_m0", pretrained=noise)
+    assert "Python objects" not in str(err.value) and "weights_only" not in str(err.value)
     partial_sd = {k: v for k, v in sd.items() if not k.startswith("stages.2.blocks.2")}
     torch.save(partial_sd, tmp_path / "partial.pth")
     with pytest.raises(ValueError, match=r"missing: \['stages.2.blocks.2"):
@@ -158,8 +254,15 @@ class Payload:
 def test_pickled_objects_are_refused(tmp_path):
     path = tmp_path / "evil.pth"
     torch.save({"model": Payload()}, path)
-    with pytest.raises(ValueError, match="never unpickles"):
+    with pytest.raises(ValueError, match=r"holds pickled Python objects \(test_weights.Payload\).*never unpickles"
+                       ) as err:
         effvit.create_model("efficientvit_m0", pretrained=path)
+    raw = tmp_path / "raw.pth"  # a plain pickle, not torch's archive format
+    raw.write_bytes(pickle.dumps({"model": Payload()}, protocol=2))
+    with pytest.raises(ValueError, match=r"holds pickled Python objects \(test_weights.Payload\)") as err2:
+        effvit.create_model("efficientvit_m0", pretrained=raw)
+    for e in (err, err2):  # torch's advice to load unsafely is never passed on, not even as the cause
+        assert "weights_only=False" not in str(e.value) and e.value.__cause__ is None
 
 
 def test_new_head_and_resolution_keep_the_rest(reference, tmp_path):

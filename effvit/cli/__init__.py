@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 
 # module name under effvit.cli -> each defines register(subparsers) and sets args.func
 COMMANDS = ["info", "train", "eval", "predict", "demo", "bench", "export", "rotation", "straighten"]
@@ -20,8 +21,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        print(f"effvit {args.command}: warning: {message}", file=file or sys.stderr)
+
     try:
-        return int(args.func(args) or 0)
+        with warnings.catch_warnings():
+            warnings.showwarning = show  # one line per warning, without the source location
+            return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError, NotADirectoryError, OSError) as e:
         # Our errors say what went wrong and what to do; a traceback would only bury that.
         print(f"effvit {args.command}: error: {e}", file=sys.stderr)

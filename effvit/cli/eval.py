@@ -61,6 +61,7 @@ def build_eval_dataset(info, dataset: str, root: str | None, split: str | None, 
 
 
 def run(args: argparse.Namespace) -> int:
+    from effvit.outputs import writable_dir
     from effvit.train import ClassificationTask, build_loader, evaluate, init_distributed
     from effvit.train.distributed import cleanup
     from effvit.train.inference import eval_transform, load_classifier
@@ -71,6 +72,9 @@ def run(args: argparse.Namespace) -> int:
         model, info = load_classifier(args.checkpoint, use_ema=args.ema, img_size=args.img_size)
         dataset = args.dataset or ("fashion_mnist" if info.dataset == "fashion_mnist" else "folder")
         ds, split = build_eval_dataset(info, dataset, args.data, args.split, eval_transform(info))
+        out = Path(args.output) if args.output else Path(args.checkpoint).parent / f"eval-{split}"
+        if ctx.is_main:
+            writable_dir(out)  # before the evaluation, not after it
         loader = build_loader(ds, args.batch_size, ctx=ctx, num_workers=args.workers, pin_memory=True)
         task = ClassificationTask(model, None, ds, num_classes=info.num_classes, class_names=info.class_names)
         model.to(ctx.device)
@@ -80,25 +84,30 @@ def run(args: argparse.Namespace) -> int:
         cleanup()
     if not ctx.is_main:
         return 0
-    out = Path(args.output) if args.output else Path(args.checkpoint).parent / f"eval-{split}"
-    out.mkdir(parents=True, exist_ok=True)
     confusion = res.stats["confusion"]
     per_class = per_class_accuracy(confusion)
     report = {"checkpoint": str(args.checkpoint), "weights": "ema" if args.ema else "model", "split": split,
               "samples": int(res.stats["count"]), "skipped": res.skipped, **res.metrics,
               "per_class": {n: (None if math.isnan(a) else a) for n, a in zip(info.class_names, per_class,
                                                                                strict=True)}}
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print_report(report, info, dataset, confusion, per_class, args.ema)
+    # the metrics are printed first: a write that fails now (a full disk) loses no result
     (out / "metrics.json").write_text(json.dumps(report, indent=2))
     title = f"{info.arch} on {dataset} {split}: top-1 {res.metrics['top1']:.2f}%"
     png = plot_confusion(confusion, info.class_names, out / "confusion.png", title=title)
-    if args.json:
-        print(json.dumps(report, indent=2))
-        return 0
-    m = res.metrics
-    print(f"{info.arch} ({'EMA' if args.ema else 'model'} weights) on {dataset} {split}, "
-          f"{report['samples']} images"
-          f"{f', {len(res.skipped)} unreadable skipped' if res.skipped else ''}")
-    print(f"top-1 {m['top1']:.2f}%  top-5 {m['top5']:.2f}%  loss {m['loss']:.4f}")
+    if not args.json:
+        print(f"\nwrote {out / 'metrics.json'} and {png}")
+    return 0
+
+
+def print_report(report: dict, info, dataset: str, confusion, per_class: list[float], ema: bool) -> None:
+    skipped = f", {len(report['skipped'])} unreadable skipped" if report["skipped"] else ""
+    print(f"{info.arch} ({'EMA' if ema else 'model'} weights) on {dataset} {report['split']}, "
+          f"{report['samples']} images{skipped}")
+    print(f"top-1 {report['top1']:.2f}%  top-5 {report['top5']:.2f}%  loss {report['loss']:.4f}")
     if len(per_class) <= 50:
         width = max(len(n) for n in info.class_names)
         counts = confusion.sum(dim=1)
@@ -109,5 +118,3 @@ def run(args: argparse.Namespace) -> int:
         order = sorted(range(len(per_class)), key=lambda i: -1 if math.isnan(per_class[i]) else per_class[i])
         worst = ", ".join(f"{info.class_names[i]} {per_class[i]:.0f}%" for i in order[:10])
         print(f"worst classes: {worst} (all in metrics.json)")
-    print(f"\nwrote {out / 'metrics.json'} and {png}")
-    return 0

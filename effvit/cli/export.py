@@ -42,8 +42,8 @@ def run(args: argparse.Namespace) -> int:
     for f in formats:
         if f not in FORMATS:
             raise ValueError(f"unknown format {f!r}; choose from {', '.join(FORMATS)}")
-    if args.img_size is not None and len(args.img_size) not in (1, 2):
-        raise ValueError(f"--img-size takes H or H W, got {args.img_size}")
+    if args.img_size is not None and (len(args.img_size) not in (1, 2) or min(args.img_size) < 1):
+        raise ValueError(f"--img-size takes H or H W, positive numbers of pixels, got {args.img_size}")
     size = None if args.img_size is None else (args.img_size[0], args.img_size[-1])
     if args.checkpoint:
         model, info = load_classifier(args.checkpoint, img_size=size, model_name=args.model and names[0])

@@ -86,6 +86,7 @@ def format_results(results: list[dict], fmt: str, errors: list[str]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from effvit.outputs import writable_file
     from effvit.train.data import list_images
     from effvit.train.distributed import resolve_device
     from effvit.train.inference import load_classifier
@@ -93,6 +94,8 @@ def run(args: argparse.Namespace) -> int:
     if args.topk < 1:
         raise ValueError(f"--topk must be >= 1, got {args.topk}")
     files = [f for p in args.paths for f in list_images(p)]
+    if args.output:
+        writable_file(args.output)  # before predicting, not after
     model, info = load_classifier(args.checkpoint, use_ema=args.ema, img_size=args.img_size)
     errors: list[str] = []
 

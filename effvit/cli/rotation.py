@@ -57,7 +57,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         t.add_argument(flag, type=kind)
     t.add_argument("--pretrained", metavar="WEIGHTS", help="backbone weights to start from (any layout)")
     t.add_argument("--output", metavar="DIR", help="runs folder (default runs/rotation)")
-    t.add_argument("--name", help="run folder name under --output")
+    t.add_argument("--name", help="run folder name under --output (a folder holding files is refused unless "
+                   "--resume or --overwrite)")
+    t.add_argument("--overwrite", action="store_true", help="replace the files of an earlier run in the folder")
     t.add_argument("--amp", choices=["none", "bf16", "fp16"])
     t.add_argument("--device", help="auto, cpu, cuda, cuda:1")
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -96,9 +98,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 def resolve_config(args: argparse.Namespace):
     from effvit.train import load_config
     from effvit.train.checkpoint import load_training_state
+    from effvit.train.config import flag_values
 
-    overrides = [f"{key}={getattr(args, attr)}" for attr, key in SHORTCUTS.items()
-                 if getattr(args, attr, None) is not None]
+    values = flag_values(args, SHORTCUTS)
+    if args.overwrite:
+        values.setdefault("run", {})["overwrite"] = True
+    overrides = []
     if args.angle_range is not None:
         lo, hi = parse_angle_range(args.angle_range)
         overrides.append(f"task.angle_range=[{lo}, {hi}]")
@@ -109,7 +114,7 @@ def resolve_config(args: argparse.Namespace):
     config = args.config
     if config is None and base is None:
         config = DEFAULT_CONFIG.get(args.dataset or "folder")
-    return load_config(config, overrides, base=base)
+    return load_config(config, overrides, base=base, values=values)
 
 
 def export_best(result, task, log=print) -> Path | None:
@@ -169,6 +174,7 @@ def build_test_set(args: argparse.Namespace, model):
 
 
 def run_eval(args: argparse.Namespace) -> int:
+    from effvit.outputs import writable_dir
     from effvit.rotation.evaluate import evaluate_rotation, summary_lines, write_report
     from effvit.rotation.model import load_rotation_model
     from effvit.rotation.straighten import parse_range
@@ -176,15 +182,14 @@ def run_eval(args: argparse.Namespace) -> int:
     model = load_rotation_model(args.checkpoint, device=args.device, use_ema=args.ema)
     ds, label, angle_range = build_test_set(args, model)
     window = parse_range(args.window) if args.window is not None else model.trained_range
+    out = writable_dir(Path(args.out) if args.out else Path(args.checkpoint).parent / f"eval-{label}", "--out")
     res = evaluate_rotation(model, ds, window=window, batch_size=args.batch_size, workers=args.workers,
                             device=args.device, progress=not args.no_progress)
-    out = Path(args.out) if args.out else Path(args.checkpoint).parent / f"eval-{label}"
     c = model.config
     info = {"checkpoint": str(args.checkpoint), "method": c["method"], "backbone": c["backbone"],
             "data": label, "images": len(ds) // args.repeats, "samples": len(res.rows),
             "repeats": args.repeats,
             "seed": args.seed, "angle_range": list(angle_range), "window": list(window) if window else None}
-    paths = write_report(res, out, title=f"{c['backbone']} / {c['method']} on {label}", extra=info)
     if args.json:
         print(json.dumps({**info, **res.metrics}, indent=2))
     else:
@@ -193,6 +198,9 @@ def run_eval(args: argparse.Namespace) -> int:
                                                           if window else ""))
         for line in summary_lines(res, c["method"]):
             print("  " + line)
+    # the metrics are printed first: a write that fails now (a full disk) loses no result
+    paths = write_report(res, out, title=f"{c['backbone']} / {c['method']} on {label}", extra=info)
+    if not args.json:
         print(f"report: {paths['metrics']}, {paths['predictions']}, {paths['plot']}")
     for s in res.skipped:
         print(f"effvit rotation eval: skipped unreadable image {s}", file=sys.stderr)

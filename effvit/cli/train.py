@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-SHORTCUTS = {  # flag -> config key; each flag is a shorthand for the override section.key=value
+SHORTCUTS = {  # flag -> config key, set to the flag's value as argparse typed it (text stays text)
     "model": "model.name", "data": "data.root", "dataset": "data.dataset", "epochs": "sched.epochs",
     "batch_size": "data.batch_size", "lr": "optim.lr", "img_size": "model.img_size",
     "num_classes": "model.num_classes", "in_chans": "model.in_chans", "finetune": "model.finetune",
@@ -20,7 +20,7 @@ SHORTCUTS = {  # flag -> config key; each flag is a shorthand for the override s
     "teacher_checkpoint": "distill.teacher_checkpoint",
 }
 FLAGS = {"freeze_bn": "model.freeze_bn", "strict": "data.strict", "tensorboard": "run.tensorboard",
-         "deterministic": "run.deterministic", "no_progress": "run.progress"}
+         "deterministic": "run.deterministic", "no_progress": "run.progress", "overwrite": "run.overwrite"}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -52,7 +52,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--teacher", help="distillation teacher: effvit or timm model name")
     p.add_argument("--teacher-checkpoint", metavar="CKPT")
     p.add_argument("--output", metavar="DIR", help="runs folder (default runs/)")
-    p.add_argument("--name", help="run folder name under --output")
+    p.add_argument("--name", help="run folder name under --output (a folder holding files is refused unless "
+                   "--resume or --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace the files of an earlier run in the folder")
     p.add_argument("--amp", choices=["none", "bf16", "fp16"])
     p.add_argument("--device", help="auto, cpu, cuda, cuda:1")
     p.add_argument("--seed", type=int)
@@ -68,16 +70,14 @@ def resolve_config(args: argparse.Namespace):
     """Shipped/file config (or the resumed run's) <- flags <- KEY=VALUE overrides."""
     from effvit.train import load_config
     from effvit.train.checkpoint import load_training_state
+    from effvit.train.config import flag_values
 
-    overrides = []
-    for attr, key in SHORTCUTS.items():
-        v = getattr(args, attr, None)
-        if v is not None:
-            overrides.append(f"{key}={v}")
+    values = flag_values(args, SHORTCUTS)
     for attr, key in FLAGS.items():
         if getattr(args, attr, False):
-            overrides.append(f"{key}={'false' if attr == 'no_progress' else 'true'}")
-    overrides += list(args.set_overrides) + list(args.overrides)
+            section, name = key.split(".")
+            values.setdefault(section, {})[name] = attr != "no_progress"
+    overrides = list(args.set_overrides) + list(args.overrides)
     base = None
     if args.resume and not args.config:
         base = load_training_state(args.resume).get("config")
@@ -85,7 +85,7 @@ def resolve_config(args: argparse.Namespace):
     if config is None and base is None:
         config = (args.model or "efficientvit_m0").removeprefix("efficientvit_")
         config = f"efficientvit_{config}"
-    return load_config(config, overrides, base=base)
+    return load_config(config, overrides, base=base, values=values)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,13 +1,16 @@
 """Deployment exports of the fused model: ONNX (checked with ONNX Runtime) and TorchScript.
 
 Both take an ``EfficientVitMsra`` (fused here) or an already fused model, export with a dynamic batch
-dimension at a fixed image size, and verify the file against the PyTorch model on batches of two sizes.
+dimension at a fixed image size, and verify the file against the PyTorch model on batches of two sizes
+before it takes its name: a file that fails the check is never left behind.
 """
 
 from __future__ import annotations
 
 import copy
+import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -39,6 +42,25 @@ def _size(img_size: int | tuple[int, int]) -> tuple[int, int]:
     return (img_size, img_size) if isinstance(img_size, int) else (int(img_size[0]), int(img_size[1]))
 
 
+def _write_verified(path: str | Path, write: Callable[[Path], None],
+                    verify: Callable[[Path], float] | None) -> float | None:
+    """``write`` to a temporary file beside ``path``, ``verify`` it, and only then rename it to ``path``: an
+    export that fails its check never takes the final name, nor replaces an earlier good one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+    try:
+        write(tmp)
+        try:
+            diff = verify(tmp) if verify is not None else None
+        except ValueError as e:
+            raise ValueError(f"{str(e).replace(str(tmp), str(path))}; it was not written") from None
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return diff
+
+
 def _example(model: nn.Module, batch: int, img_size: tuple[int, int], seed: int = 0) -> torch.Tensor:
     p = next(model.parameters())
     g = torch.Generator().manual_seed(seed)
@@ -63,23 +85,24 @@ def export_onnx(model: nn.Module, path: str | Path, img_size: int | tuple[int, i
     fused, ref = _prepare(model)
     graph = NCHWForm(fused) if layout == "nchw" else fused
     size = _size(img_size)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     x = _example(fused, 2, size)
-    with warnings.catch_warnings():
-        # the tracer notes that Python-side shape checks become constants: the image size is fixed
-        # at export by design, only the batch axis is dynamic
-        warnings.simplefilter("ignore")
-        if dynamo:
-            batch = torch.export.Dim("batch", min=1, max=65536)
-            torch.onnx.export(graph, (x,), str(path), dynamo=True, opset_version=opset,
-                              input_names=["image"], output_names=["logits"],
-                              dynamic_shapes={"x": {0: batch}}, external_data=False)
-        else:
-            torch.onnx.export(graph, (x,), str(path), dynamo=False, opset_version=opset,
-                              input_names=["image"], output_names=["logits"],
-                              dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}})
-    return verify_onnx(path, ref, size, atol) if verify else None
+
+    def write(file: Path) -> None:
+        with warnings.catch_warnings():
+            # the tracer notes that Python-side shape checks become constants: the image size is fixed
+            # at export by design, only the batch axis is dynamic
+            warnings.simplefilter("ignore")
+            if dynamo:
+                batch = torch.export.Dim("batch", min=1, max=65536)
+                torch.onnx.export(graph, (x,), str(file), dynamo=True, opset_version=opset,
+                                  input_names=["image"], output_names=["logits"],
+                                  dynamic_shapes={"x": {0: batch}}, external_data=False)
+            else:
+                torch.onnx.export(graph, (x,), str(file), dynamo=False, opset_version=opset,
+                                  input_names=["image"], output_names=["logits"],
+                                  dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}})
+
+    return _write_verified(path, write, (lambda file: verify_onnx(file, ref, size, atol)) if verify else None)
 
 
 @torch.no_grad()
@@ -110,13 +133,16 @@ def export_torchscript(model: nn.Module, path: str | Path, img_size: int | tuple
     ``torch.jit.load(path)`` (no effvit needed). Returns the verified max abs difference."""
     fused, ref = _prepare(model)
     size = _size(img_size)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # trace deprecation and constant-shape notes, as above
         traced = torch.jit.freeze(torch.jit.trace(fused, _example(fused, 2, size)))
-        torch.jit.save(traced, str(path))
-    return verify_torchscript(path, ref, size, atol) if verify else None
+
+    def write(file: Path) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # save deprecation note
+            torch.jit.save(traced, str(file))
+
+    return _write_verified(path, write, (lambda file: verify_torchscript(file, ref, size, atol)) if verify else None)
 
 
 @torch.no_grad()

@@ -9,8 +9,10 @@ loaded with ``weights_only=True`` or safetensors: nothing is ever unpickled.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
 import re
+import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 from urllib.parse import urlparse
@@ -18,6 +20,7 @@ from urllib.parse import urlparse
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from .efficientvit import VARIANTS
 
@@ -33,26 +36,109 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def download(url: str, sha256: str | None = None, cache_dir: str | Path | None = None) -> Path:
-    """Fetch ``url`` into the torch hub cache (once), verifying its SHA-256 when one is given."""
-    cache = Path(cache_dir) if cache_dir else Path(torch.hub.get_dir()) / "checkpoints" / "effvit"
-    cache.mkdir(parents=True, exist_ok=True)
-    dst = cache / (os.path.basename(urlparse(url).path) or "checkpoint.pth")
-    if not dst.exists():
+def _cache_file(url: str, cache: Path) -> Path:
+    """The cache entry of ``url``: a folder named by a hash of the whole URL (host, path and query: two
+    URLs never share an entry), holding the file under its own name."""
+    name = os.path.basename(urlparse(url).path) or "checkpoint.pth"
+    return cache / hashlib.sha256(url.encode()).hexdigest()[:16] / name
+
+
+def _copy_response(url: str, dst: Path) -> tuple[int, int | None]:
+    """(bytes written to ``dst``, the Content-Length announced or None)."""
+    with urllib.request.urlopen(url, timeout=60) as response, open(dst, "wb") as f:
+        if "html" in response.headers.get("Content-Type", ""):
+            raise ValueError(f"{url} answered with an HTML page, not a checkpoint (an error or login page?): "
+                             "check the URL")
+        length = response.headers.get("Content-Length")
+        expected = int(length) if length and length.isdigit() else None
+        got = 0
+        with tqdm(total=expected, unit="B", unit_scale=True, desc=dst.name, disable=None) as bar:
+            while chunk := response.read(1 << 20):
+                f.write(chunk)
+                got += len(chunk)
+                bar.update(len(chunk))
+        f.flush()
+        os.fsync(f.fileno())
+    return got, expected
+
+
+def _fetch(url: str, dst: Path) -> None:
+    """Download ``url`` to ``dst`` through a temporary file beside it, renamed only once the transfer is
+    complete (its Content-Length) and not an HTML page: an interrupted transfer never reaches ``dst``."""
+    tmp = dst.with_name(f".part{os.getpid()}-{dst.name}")  # same suffix: _read_file picks the format by it
+    try:
         try:
-            torch.hub.download_url_to_file(url, str(dst), progress=True)
-        except Exception as e:
-            raise OSError(f"could not download {url}: {e}. Download it by hand and pass the file path") from e
-    if sha256:
-        got = _sha256(dst)
-        if got != sha256.lower():
-            dst.unlink()
-            raise ValueError(f"SHA-256 mismatch for {url}: expected {sha256}, got {got}; the file was "
-                             "removed from the cache. Check the URL and the hash")
+            got, expected = _copy_response(url, tmp)
+        except (OSError, http.client.HTTPException) as e:
+            raise OSError(f"could not download {url}: {e}. Try again, or download it by hand and pass the "
+                          "file path") from e
+        if expected is not None and got != expected:
+            raise OSError(f"the download of {url} stopped after {got} of {expected} bytes; nothing was "
+                          "cached: try again")
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _check_cached(path: Path, url: str, sha256: str | None) -> None:
+    """ValueError (the file removed) unless ``path`` matches ``sha256`` and loads as a checkpoint."""
+    if sha256 and (got := _sha256(path)) != sha256.lower():
+        path.unlink()
+        raise ValueError(f"SHA-256 mismatch for {url}: expected {sha256}, got {got}; the file was removed "
+                         "from the cache. Check the URL and the hash")
+    try:
+        _read_file(path)
+    except ValueError as e:
+        path.unlink()
+        raise ValueError(f"{url} did not give a loadable checkpoint, so it was not cached: {e}") from None
+
+
+def download(url: str, sha256: str | None = None, cache_dir: str | Path | None = None) -> Path:
+    """Fetch ``url`` into the torch hub cache (once), verifying its SHA-256 when one is given.
+
+    The cache is keyed by the whole URL. Only a complete transfer (its Content-Length) that is not an HTML
+    page, matches the hash and loads as a checkpoint is kept; a cached copy that fails those checks is
+    removed and fetched again."""
+    cache = Path(cache_dir) if cache_dir else Path(torch.hub.get_dir()) / "checkpoints" / "effvit"
+    dst = _cache_file(url, cache)
+    if dst.is_file():
+        try:
+            _check_cached(dst, url, sha256)
+            return dst
+        except ValueError:
+            pass  # removed: fetch a fresh copy
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    _fetch(url, dst)
+    _check_cached(dst, url, sha256)
     return dst
 
 
+def describe_load_error(path: Path, error: Exception, damaged: str = "fetch it again") -> ValueError:
+    """What a file that ``torch.load(weights_only=True)`` refused actually is, as a ValueError (``damaged``:
+    what to do about a truncated one). torch's advice to retry with weights_only=False (which runs
+    arbitrary code) is never passed on."""
+    msg = str(error)
+    with open(path, "rb") as f:
+        head = f.read(64)
+    objects = re.findall(r"GLOBAL ([\w.]*\w)", msg) or re.findall(r"Unsupported globals?: ([\w.]*\w)", msg)
+    never = ("effvit never unpickles arbitrary objects: save a plain state dict "
+             "(torch.save(model.state_dict(), path)) or safetensors instead")
+    if objects:
+        return ValueError(f"{path} holds pickled Python objects ({', '.join(dict.fromkeys(objects))}); {never}")
+    if head.startswith(b"\x80"):
+        return ValueError(f"{path} is a Python pickle, not a plain PyTorch weights file; {never}")
+    if head.startswith(b"PK\x03\x04"):
+        return ValueError(f"{path} is not a readable PyTorch checkpoint ({type(error).__name__}); it may be "
+                          f"truncated or corrupt: {damaged}")
+    if head.lstrip()[:1] == b"<":
+        return ValueError(f"{path} is an HTML or XML page, not a checkpoint: download the file itself")
+    return ValueError(f"{path} is not a PyTorch checkpoint (it starts with {head[:8]!r}): it is corrupt or "
+                      "another kind of file")
+
+
 def _read_file(path: Path) -> Mapping:
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder, not a checkpoint: give the .pth or .safetensors file")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if path.suffix == ".safetensors":
@@ -66,11 +152,7 @@ def _read_file(path: Path) -> Mapping:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
-            raise ValueError(f"{path} holds arbitrary Python objects, which effvit never unpickles; "
-                             "save a plain state dict (or safetensors) instead") from e
-        raise ValueError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: {e}); it may be "
-                         "truncated or corrupt: fetch it again") from e
+        raise describe_load_error(path, e) from None
 
 
 def read_checkpoint(source: str | Path, sha256: str | None = None) -> tuple[dict[str, torch.Tensor], dict]:

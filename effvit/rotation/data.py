@@ -24,6 +24,8 @@ import torch
 from PIL import Image, ImageFilter, ImageOps
 from torch.utils.data import Dataset
 
+from effvit.images import note_first_frame, to_mode
+
 from .geometry import CROPS, rotate_crop
 
 FULL_CIRCLE = (0.0, 360.0)
@@ -38,13 +40,15 @@ def list_images(*roots: str | Path) -> list[Path]:
 
 
 def load_upright(path: str | Path, short_side: int | None = None, mode: str = "RGB") -> Image.Image:
-    """Open an image, apply its EXIF orientation, convert to ``mode`` and, with ``short_side``, shrink it
-    (never enlarge) so its shorter side is that many pixels."""
+    """Open an image, apply its EXIF orientation, convert to ``mode`` (16-bit and float images scaled from
+    their range, see ``effvit.images``) and, with ``short_side``, shrink it (never enlarge) so its shorter
+    side is that many pixels."""
     with Image.open(path) as img:
+        note_first_frame(img, path)
         if short_side and img.format == "JPEG":
             img.draft(img.mode, (short_side, short_side))  # decode at a reduced scale: much faster
         img = ImageOps.exif_transpose(img)
-        img = img.convert(mode)
+        img = to_mode(img, mode)
     if short_side and min(img.size) > short_side:
         img = resize_short(img, short_side)
     return img

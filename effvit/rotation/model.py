@@ -176,6 +176,9 @@ def load_rotation_model(path: str | Path | None = None, device: str | torch.devi
     """A rotation model in eval mode, float32, from a .safetensors file or a training checkpoint
     (``last.pth`` / ``best.pth`` of ``effvit rotation train``); None loads the bundled photo model."""
     path = Path(path) if path is not None else DEFAULT_MODEL
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder, not a rotation model: give its .safetensors (or "
+                                "best.pth) file")
     if not path.is_file():
         hint = (" (the bundled model is missing from this install: reinstall effvit or pass --model)"
                 if path == DEFAULT_MODEL else "")
@@ -183,7 +186,15 @@ def load_rotation_model(path: str | Path | None = None, device: str | torch.devi
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        cfg, sd = read_rotation_config(path), load_file(str(path))
+        try:
+            sd = load_file(str(path))
+        except Exception as e:  # safetensors' own error type
+            raise ValueError(f"{path} is not a readable safetensors file ({e}); it may be truncated or "
+                             "corrupt: export it again (effvit rotation export)") from None
+        try:
+            cfg = read_rotation_config(path)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is a damaged rotation model: its config is not valid JSON ({e})") from None
     else:
         from effvit.train.checkpoint import load_weights
 
@@ -192,7 +203,15 @@ def load_rotation_model(path: str | Path | None = None, device: str | torch.devi
             raise ValueError(f"{path} is not a rotation checkpoint (its meta has no 'rotation' config); "
                              "train one with `effvit rotation train`")
         cfg = {**meta["rotation"], "settings": meta.get("settings")}
-    model = build_from_config(cfg)
-    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()})
+    try:
+        model = build_from_config(cfg)
+    except KeyError as e:
+        raise ValueError(f"{path} is a damaged rotation model: its config lacks {e}") from None
+    try:
+        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()})
+    except RuntimeError as e:
+        reason = " ".join(str(e).split("\n", 1)[-1].split())[:300]
+        raise ValueError(f"{path} does not hold the weights its config describes (backbone {cfg.get('backbone')}, "
+                         f"method {cfg.get('method')}, {cfg.get('img_size')} px): {reason}") from None
     model.config.update({k: v for k, v in cfg.items() if k not in model.config})  # keep training notes
     return model.to(device).eval()

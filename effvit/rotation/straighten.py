@@ -1,9 +1,11 @@
 """Straighten photos: EXIF orientation, estimate the tilt, rotate back, crop, save in the same format.
 
 The estimate is the counter-clockwise rotation theta the photo carries (signed, in [-180, 180)); the fix
-rotates by -theta. Files are written under an output folder, never over their input; JPEGs keep their
-quantisation tables (so their quality), chroma subsampling, EXIF (orientation reset) and ICC profile.
-A photo whose confidence is under ``min_confidence`` is copied unchanged.
+rotates by -theta. Files are written under an output folder, never over their input, in their format,
+mode and bit depth (16-bit and float images are rotated in float; every frame of an animation by the
+same angle); JPEGs keep their quantisation tables (so their quality), chroma subsampling, EXIF
+(orientation reset) and ICC profile. What cannot be written back without loss (16-bit colour, multi-page
+TIFF) is refused for that file. A photo whose confidence is under ``min_confidence`` is copied unchanged.
 """
 
 from __future__ import annotations
@@ -13,8 +15,12 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image, ImageColor, ImageOps, JpegImagePlugin
+
+from effvit.images import decoded_at_fewer_bits, frame_count, is_high_bit, to_mode, value_range
+from effvit.outputs import writable_dir
 
 from .data import list_images, to_input
 from .geometry import CROPS, rotate_crop
@@ -22,6 +28,7 @@ from .methods import wrap180
 from .model import RotationModel
 
 _ORIENTATION_TAG = 0x0112
+ANIMATED = ("GIF", "PNG", "WEBP")  # formats whose frames are one animation: all turned by the same angle
 
 
 @dataclass
@@ -62,6 +69,27 @@ def open_upright(path: str | Path) -> tuple[Image.Image, Image.Image]:
     return src, ImageOps.exif_transpose(src)
 
 
+def upright_frames(src: Image.Image) -> list[Image.Image]:
+    """Every frame of an animated image, EXIF orientation applied (their display times stay in ``info``)."""
+    frames = []
+    for i in range(frame_count(src)):
+        src.seek(i)
+        frame = ImageOps.exif_transpose(src)
+        frame.info["duration"] = src.info.get("duration")
+        frames.append(frame)
+    src.seek(0)
+    return frames
+
+
+def check_writable_like(path: str | Path, src: Image.Image) -> None:
+    """Refuse, before any work, an image whose straightened copy could not keep its mode and bit depth."""
+    if decoded_at_fewer_bits(path):
+        raise ValueError("it has 16 bits per colour channel, which Pillow reads at 8: the straightened copy "
+                         "would lose precision. Convert it to 8 bits first (--dry-run still estimates)")
+    if frame_count(src) > 1 and src.format not in ANIMATED:
+        raise ValueError(f"it is a {frame_count(src)}-page {src.format}: straighten the pages as separate files")
+
+
 @torch.no_grad()
 def estimate(model: RotationModel, images: Sequence[Image.Image], window: tuple[float, float] | None = None,
              subdegree: bool = True) -> list[tuple[float, float]]:
@@ -69,7 +97,7 @@ def estimate(model: RotationModel, images: Sequence[Image.Image], window: tuple[
     cfg = model.config
     mode = "L" if cfg["in_chans"] == 1 else "RGB"
     device = next(model.parameters()).device
-    x = torch.stack([to_input(im.convert(mode), cfg["img_size"], cfg["mean"], cfg["std"]) for im in images])
+    x = torch.stack([to_input(to_mode(im, mode), cfg["img_size"], cfg["mean"], cfg["std"]) for im in images])
     angles, conf = model.predict(x.to(device), window=window, subdegree=subdegree)
     return [(float(a), float(c)) for a, c in zip(wrap180(angles).cpu(), conf.cpu(), strict=True)]
 
@@ -81,21 +109,39 @@ def straighten_image(img: Image.Image, angle: float, crop: str = "max_area",
         raise ValueError(f"crop must be max_area, keep_aspect or none, got {crop!r}")
     if img.mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if is_high_bit(img):  # interpolated in float, then back to the image's own mode and range
+        values = np.asarray(img, dtype=np.float32)
+        lo, hi = value_range(img, values)
+        grey = ImageColor.getcolor(fill or "black", "L")
+        rotated = rotate_crop(Image.fromarray(values), -angle, crop, resample=Image.Resampling.BICUBIC,
+                              fill=lo + grey * (hi - lo) / 255.0)
+        if img.mode == "F":
+            return rotated
+        dtype = np.uint16 if img.mode.startswith("I;16") else np.int32
+        limits = np.iinfo(dtype)
+        return Image.fromarray(np.clip(np.rint(np.asarray(rotated)), limits.min, limits.max).astype(dtype))
     fill_value = None
     if fill is not None:
         fill_value = ImageColor.getcolor(fill, img.mode)
     elif img.mode in ("RGBA", "LA"):
         fill_value = (0,) * len(img.getbands())  # transparent corners
+    elif img.mode == "CMYK":
+        fill_value = ImageColor.getcolor("black", "CMYK")  # zero ink would be white
     return rotate_crop(img, -angle, crop, resample=Image.Resampling.BICUBIC, fill=fill_value)
 
 
-def save_like(img: Image.Image, src: Image.Image, path: Path, quality: int | None = None) -> None:
-    """Save ``img`` in ``src``'s format, keeping what can be kept of its encoding and metadata."""
+def save_like(img: Image.Image | Sequence[Image.Image], src: Image.Image, path: Path,
+              quality: int | None = None) -> None:
+    """Save ``img`` (or the frames of an animation) in ``src``'s format, mode and bit depth, keeping what
+    can be kept of its encoding and metadata."""
+    frames = [img] if isinstance(img, Image.Image) else list(img)
+    img = frames[0]
     fmt = src.format or (path.suffix.lstrip(".").upper() or "PNG")
+    fmt = "JPEG" if fmt == "MPO" else fmt  # a camera JPEG with previews: the photo itself is written
     kw: dict = {}
     if src.info.get("icc_profile"):
         kw["icc_profile"] = src.info["icc_profile"]
-    exif = src.getexif()
+    exif = src.getexif() if fmt in ("JPEG", "PNG", "WEBP") else None  # a TIFF's tags are its own header
     if exif:
         exif.pop(_ORIENTATION_TAG, None)  # the pixels are upright now
         kw["exif"] = exif.tobytes()
@@ -117,8 +163,14 @@ def save_like(img: Image.Image, src: Image.Image, path: Path, quality: int | Non
     elif fmt == "WEBP":
         kw["lossless"] = bool(src.info.get("lossless"))
         kw["quality"] = quality if quality is not None else 95  # WebP does not record its quality
-    elif fmt == "TIFF" and src.info.get("compression"):
+    elif fmt == "TIFF" and src.info.get("compression") not in (None, "raw"):  # raw is Pillow's default
         kw["compression"] = src.info["compression"]
+    elif fmt == "PNG" and img.mode == "I":  # older Pillow opened 16-bit PNGs as 'I'; PNG stores 16 bits
+        frames = [f.convert("I;16") for f in frames]
+        img = frames[0]
+    if len(frames) > 1:
+        kw.update(save_all=True, append_images=frames[1:], loop=src.info.get("loop", 0),
+                  duration=[f.info.get("duration") or 100 for f in frames])
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path, format=fmt, **kw)
 
@@ -152,11 +204,16 @@ def straighten_files(inputs: Sequence[str | Path], out_dir: str | Path | None, m
     if out_dir is None and not dry_run:
         raise ValueError("give an output folder (--out DIR), or use --dry-run to only print the angles")
     pairs = plan_outputs(inputs, out_dir or ".")
+    if not dry_run:  # every output folder, before the first estimate
+        for folder in dict.fromkeys(dst.parent for _, dst in pairs):
+            writable_dir(folder, "--out")
     results = []
     for src_path, dst in pairs:
         res = Result(str(src_path))
         try:
             src, upright = open_upright(src_path)
+            if not dry_run:
+                check_writable_like(src_path, src)
             (res.angle, res.confidence), = estimate(model, [upright], window)
             if res.confidence < min_confidence:
                 res.action = "unchanged (low confidence)"
@@ -167,7 +224,8 @@ def straighten_files(inputs: Sequence[str | Path], out_dir: str | Path | None, m
             if not dry_run:
                 res.output = str(dst)
                 if res.action == "rotated":
-                    save_like(straighten_image(upright, res.angle, crop, fill), src, dst, quality)
+                    frames = upright_frames(src) if frame_count(src) > 1 else [upright]
+                    save_like([straighten_image(f, res.angle, crop, fill) for f in frames], src, dst, quality)
                 else:
                     dst.parent.mkdir(parents=True, exist_ok=True)
                     shutil.copy2(src_path, dst)  # untouched: the original bytes

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from effvit.models.weights import FORMAT_TAG
+from effvit.models.weights import FORMAT_TAG, describe_load_error
 
 
 # -- random number generators ----------------------------------------------------------------------
@@ -50,34 +50,73 @@ def restore_rng(state: dict) -> None:
 
 
 # -- writing ---------------------------------------------------------------------------------------
+def _temporary(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+def _replace_synced(tmp: Path, path: Path) -> None:
+    """Rename ``tmp`` (already flushed to disk) over ``path`` and make the rename itself durable."""
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems cannot sync a folder; the rename is still atomic
+        pass
+    finally:
+        os.close(fd)
+
+
+def _save_synced(obj: Any, tmp: Path) -> None:
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
 def save_atomic(obj: Any, path: str | Path) -> Path:
     """torch.save to a temporary file in the same folder, flushed to disk, then renamed over ``path``:
     a crash leaves the previous file intact, never a truncated one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = _temporary(path)
     try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        _save_synced(obj, tmp)
+        _replace_synced(tmp, path)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        tmp.unlink(missing_ok=True)
     return path
 
 
 def copy_atomic(src: str | Path, dst: str | Path) -> Path:
+    """Copy ``src`` over ``dst`` as ``save_atomic`` writes: temporary file, flushed, renamed."""
     dst = Path(dst)
-    tmp = dst.with_name(f".{dst.name}.tmp{os.getpid()}")
+    tmp = _temporary(dst)
     try:
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
+        with open(src, "rb") as fi, open(tmp, "wb") as fo:
+            shutil.copyfileobj(fi, fo, 1 << 20)
+            fo.flush()
+            os.fsync(fo.fileno())
+        _replace_synced(tmp, dst)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        tmp.unlink(missing_ok=True)
     return dst
+
+
+def save_epoch(state: dict, last: str | Path, best: str | Path | None = None) -> None:
+    """Write the state of an epoch as ``last`` and, when it is the best so far, as ``best`` too.
+
+    best.pth is in place before the last.pth that records it as best: a crash or a full disk at any point
+    leaves the previous last.pth and a best.pth at least as recent as the best epoch it records (the
+    interrupted epoch is trained again on resume and rewrites both)."""
+    last = Path(last)
+    tmp = _temporary(last)
+    try:
+        _save_synced(state, tmp)
+        if best is not None:
+            copy_atomic(tmp, best)
+        _replace_synced(tmp, last)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def model_meta(model: nn.Module, extra: dict | None = None) -> dict:
@@ -117,13 +156,14 @@ def training_state(*, model: nn.Module, optimizer, scheduler, scaler, ema, epoch
 def load_training_state(path: str | Path) -> dict:
     """A checkpoint written by ``effvit train`` (weights_only), with errors that say what to do."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder, not a checkpoint: give the file, e.g. {path / 'last.pth'}")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"{path} is not a readable checkpoint ({type(e).__name__}: {e}); it may be "
-                         "truncated: resume from the run's best.pth or an older copy") from e
+        raise describe_load_error(path, e, "resume from the run's best.pth or an older copy") from None
     if not isinstance(state, dict) or "optimizer" not in state or "epoch" not in state:
         raise ValueError(f"{path} holds weights only, not a training state (optimizer, epoch...); "
                          "use it with --finetune or model.pretrained instead of --resume")

@@ -5,8 +5,10 @@ so a config file only has to say what differs. Sections ``run``, ``optim``, ``sc
 loader fields of ``data`` are read by the task-agnostic engine; ``model``, the source fields of
 ``data``, ``aug`` and ``distill`` by the classification task; ``task`` is free-form for other tasks.
 
-Overrides are ``section.key=value`` strings; values are parsed as YAML (``[0.5, 1.0]``, ``null``,
-``true``) and checked against the field's type, so a typo fails with the list of valid keys.
+Overrides are ``section.key=value`` strings, parsed by the key's declared type: text for a string
+(``run.name=007`` is '007', ``data.root=data/good #2`` keeps its '#'; ``null`` for an optional one), YAML for
+the rest (``[0.5, 1.0]``, ``null``, ``true``), then checked, so a typo fails with the list of valid keys.
+Command-line flags are applied as the typed values argparse gave them (``values`` of ``load_config``).
 """
 
 from __future__ import annotations
@@ -125,13 +127,16 @@ class RunConfig:
     deterministic: bool = False  # deterministic kernels (slower; exact resume tests)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: str = "none"  # none | bf16 | fp16
-    threads: int | None = None  # torch CPU threads per process (None: torch's default; 0: the idle cores)
+    # torch CPU threads per process: None = torch's default (one per physical core, or OMP_NUM_THREADS); N;
+    # 'idle' = the cores idle at start by the load average (opt-in: speed and results then vary with the load)
+    threads: int | str | None = None
     eval_every: int = 1  # evaluate every N epochs and after the last; 0: never during training
     log_interval: int = 50
     tensorboard: bool = False
     progress: bool = True
     stop_after: int | None = None  # stop after this many epochs of this invocation (resume later)
     debug_ranks: bool = False  # each rank writes the sample indices it drew and its final weights (tests)
+    overwrite: bool = False  # a new run may replace the files of an earlier run in its folder
 
 
 @dataclass
@@ -244,8 +249,20 @@ def config_from_dict(d: dict | None, base: Config | None = None) -> Config:
     return cfg
 
 
+def _declared_type(section: str, key: str) -> Any:
+    """The type hint of ``section.key`` (None for the free-form task section or an unknown key)."""
+    fields = {f.name: f.type for f in dataclasses.fields(Config)}
+    if section not in fields or section == "task":
+        return None
+    return typing.get_type_hints(type(getattr(Config(), section))).get(key)
+
+
+def _is_text(hint: Any) -> bool:
+    return hint is str or set(typing.get_args(hint)) == {str, type(None)}
+
+
 def parse_override(text: str) -> dict:
-    """'optim.lr=1e-3' -> {'optim': {'lr': 0.001}} (the value parsed as YAML)."""
+    """'optim.lr=1e-3' -> {'optim': {'lr': 0.001}}: the value as text for a string setting, else YAML."""
     if "=" not in text:
         raise ValueError(f"override {text!r} is not KEY=VALUE (e.g. optim.lr=1e-3 or sched.epochs=10)")
     key, raw = text.split("=", 1)
@@ -253,15 +270,32 @@ def parse_override(text: str) -> dict:
     if len(parts) < 2 or not all(parts):
         raise ValueError(f"override key {key!r} must be section.key (e.g. sched.epochs); "
                          f"sections: {', '.join(f.name for f in dataclasses.fields(Config))}")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError as e:
-        raise ValueError(f"override {text!r}: the value is not valid YAML ({e})") from e
+    hint = _declared_type(parts[0], parts[-1]) if len(parts) == 2 else None
+    quoted = len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\""
+    if _is_text(hint) and not quoted:
+        value = None if raw.strip() in ("", "null", "~") and hint is not str else raw
+    else:
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as e:
+            raise ValueError(f"override {text!r}: the value is not valid YAML ({e})") from e
     out: dict = {}
     node = out
     for p in parts[:-1]:
         node = node.setdefault(p, {})
     node[parts[-1]] = value
+    return out
+
+
+def flag_values(args: Any, keys: dict[str, str]) -> dict:
+    """Nested config values of the command-line flags that were given: {'data': {'root': 'x'}} from
+    ``keys={'data': 'data.root'}``; the values keep the types argparse gave them (never parsed as YAML)."""
+    out: dict = {}
+    for attr, key in keys.items():
+        value = getattr(args, attr, None)
+        if value is not None:
+            section, name = key.split(".")
+            out.setdefault(section, {})[name] = value
     return out
 
 
@@ -291,8 +325,9 @@ def resolve_config_path(spec: str | Path) -> Path:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
-                base: Config | dict | None = None) -> Config:
-    """Defaults <- ``base`` <- the YAML file <- ``overrides`` ('section.key=value')."""
+                base: Config | dict | None = None, values: dict | None = None) -> Config:
+    """Defaults <- ``base`` <- the YAML file <- ``values`` (nested, typed: command-line flags) <-
+    ``overrides`` ('section.key=value')."""
     d: dict = {}
     if path is not None:
         p = resolve_config_path(path)
@@ -303,6 +338,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not isinstance(d, dict):
             raise ValueError(f"{p} must hold a mapping of sections (model:, data:, ...), "
                              f"not {type(d).__name__}")
+    d = _merge(d, values or {})
     for o in overrides:
         d = _merge(d, parse_override(o))
     start = config_from_dict(base) if isinstance(base, dict) else base

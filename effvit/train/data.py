@@ -21,6 +21,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate
 
+from effvit.images import note_first_frame, to_mode
+
 from .distributed import DistContext
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
@@ -40,10 +42,12 @@ class Unreadable:
 
 
 def load_image(path: str | Path, mode: str = "RGB") -> Image.Image:
-    """Decode fully (PIL is lazy: truncated files only fail on load) and convert to ``mode``."""
+    """Decode fully (PIL is lazy: truncated files only fail on load) and convert to ``mode``: 16-bit and
+    float images scaled from their range, the first frame of an animation (``effvit.images``)."""
     with Image.open(path) as img:
+        note_first_frame(img, path)
         img.load()
-        return img.convert(mode)
+        return to_mode(img, mode)
 
 
 # -- image folders ---------------------------------------------------------------------------------

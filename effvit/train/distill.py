@@ -47,18 +47,19 @@ class DistillationLoss(nn.Module):
 
 def build_teacher(name: str, checkpoint: str | None, num_classes: int, in_chans: int,
                   img_size: int) -> nn.Module:
-    """An effvit model (name starting with efficientvit_) or any timm model, weights from ``checkpoint``,
-    frozen in eval mode."""
+    """An effvit model (name starting with efficientvit_) or any timm model, all of its weights (head
+    included: a teacher must predict the student's classes) from ``checkpoint``, frozen in eval mode."""
     from effvit.models import create_model, list_models
+    from effvit.models.weights import fit_state_dict, read_checkpoint
 
     if not checkpoint:
         raise ValueError(f"distill.teacher={name} needs distill.teacher_checkpoint: an untrained teacher "
                          "teaches nothing (no weights can be downloaded here)")
     short = name.split("/")[-1].split(".")[0]
-    if short in list_models() or f"efficientvit_{short}" in list_models():
+    effvit = short in list_models() or f"efficientvit_{short}" in list_models()
+    if effvit:
         short = short if short in list_models() else f"efficientvit_{short}"
-        teacher = create_model(short, pretrained=checkpoint or False, num_classes=num_classes,
-                               in_chans=in_chans, img_size=img_size)
+        teacher = create_model(short, num_classes=num_classes, in_chans=in_chans, img_size=img_size)
     else:
         import timm
 
@@ -66,10 +67,29 @@ def build_teacher(name: str, checkpoint: str | None, num_classes: int, in_chans:
             teacher = timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans)
         except RuntimeError as e:
             raise ValueError(f"unknown teacher {name!r}: neither an effvit model nor a timm one ({e})") from e
-        from timm.models import load_checkpoint
-
-        load_checkpoint(teacher, checkpoint, strict=True, weights_only=True)
+    sd, _ = read_checkpoint(checkpoint)  # weights only, with errors that say what the file is
+    head = _classifier_weight(teacher)
+    if head in sd and sd[head].shape[0] != num_classes:
+        raise ValueError(f"teacher checkpoint {checkpoint} predicts {sd[head].shape[0]} classes but the student "
+                         f"learns {num_classes}: a teacher must predict the student's classes (fine-tune it on "
+                         "this data first)")
+    source = f"teacher checkpoint {checkpoint}"
+    if effvit:
+        teacher.load_state_dict(fit_state_dict(teacher, sd, source=source), strict=False)
+    else:
+        try:
+            teacher.load_state_dict(sd)
+        except RuntimeError as e:
+            raise ValueError(f"{source} does not fit {name}: {str(e).splitlines()[-1].strip()}") from None
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher
+
+
+def _classifier_weight(model: nn.Module) -> str:
+    """The state-dict key of the classifier's weight ('head.linear.weight', 'fc.weight', ...)."""
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    head = head[0] if isinstance(head, (tuple, list)) else head
+    linear = [m for m in head.modules() if isinstance(m, (nn.Linear, nn.Conv2d))] if head is not None else []
+    return next((f"{n}.weight" for n, m in model.named_modules() if linear and m is linear[-1]), "")

@@ -52,12 +52,27 @@ def init_distributed(device: str = "auto") -> DistContext:
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
     if dist.is_initialized():
         world, rank = dist.get_world_size(), dist.get_rank()
+        host_group()  # created now, collectively, rather than at its first use
     return DistContext(rank=rank, world_size=world, local_rank=local_rank, device=dev)
 
 
+_host_group: dist.ProcessGroup | None = None
+
+
+def host_group() -> dist.ProcessGroup | None:
+    """A gloo group of all ranks for agreeing on host-side values (None when the default group is gloo):
+    NCCL reduces device tensors only, which costs a sync with the device. Created collectively."""
+    global _host_group
+    if _host_group is None and dist.get_backend() != "gloo":
+        _host_group = dist.new_group(backend="gloo")
+    return _host_group
+
+
 def cleanup() -> None:
+    global _host_group
     if dist.is_initialized():
         dist.destroy_process_group()
+    _host_group = None
 
 
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
@@ -65,6 +80,15 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+def min_over_ranks(value: int) -> int:
+    """The smallest ``value`` of all ranks, agreed on the host (no device sync); ``value`` in one process."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return value
+    t = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=host_group())
+    return int(t)
 
 
 def any_rank(flag: bool, device: torch.device) -> bool:

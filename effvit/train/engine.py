@@ -2,8 +2,10 @@
 
 ``train(task, cfg)`` runs epochs of ``train_one_epoch`` + ``evaluate`` with the optimizer, schedule,
 clipping, EMA and mixed precision of ``cfg`` (timm's factories), under DDP when launched by torchrun,
-writing ``last.pth`` / ``best.pth`` atomically every epoch, and resumes from ``last.pth`` exactly. A
-non-finite loss stops the run (on every rank at the same step) with the last good checkpoint intact.
+writing ``last.pth`` / ``best.pth`` atomically every epoch into a run folder it holds alone
+(``effvit.train.rundir``), and resumes from ``last.pth`` exactly. A non-finite loss (checked every log
+interval, without a host-device sync per step) stops the run on every rank with the last good checkpoint
+intact; a batch that unreadable files left too small is dropped by every rank together.
 """
 
 from __future__ import annotations
@@ -32,12 +34,14 @@ from .checkpoint import (
     load_training_state,
     restore_rng,
     save_atomic,
+    save_epoch,
     training_state,
 )
 from .config import Config
 from .data import build_loader, build_train_sampler
 from .distributed import DistContext
 from .logger import RunLogger, plot_curves
+from .rundir import RunFolder
 from .task import Task, batch_size_of, to_device
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -81,14 +85,28 @@ def configure_determinism(enabled: bool) -> None:
         torch.backends.cudnn.benchmark = True
 
 
-def auto_threads(ctx: DistContext) -> int:
+def idle_threads(ctx: DistContext) -> int:
     """CPU threads for this process: the cores not already busy (1-minute load average), shared among
     the processes of this node. On a shared machine, OpenMP threads that wait on a preempted sibling
-    make a step several times slower than one thread would."""
+    make a step several times slower than one thread would; but speed and floating-point results then
+    depend on other processes, so this is opt-in (run.threads=idle)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     free = cores - os.getloadavg()[0] if hasattr(os, "getloadavg") else cores
     return max(1, min(cores // local, int(free + 0.5) // local))
+
+
+def configure_threads(threads: int | str | None, ctx: DistContext) -> None:
+    """run.threads: None keeps torch's default (one per physical core, or OMP_NUM_THREADS), N sets N,
+    'idle' counts the idle cores at start (``idle_threads``)."""
+    if threads is None:
+        return
+    if threads == "idle":
+        threads = idle_threads(ctx)
+    if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
+        raise ValueError(f"run.threads must be a positive number, null (torch's default: one thread per "
+                         f"physical core) or 'idle' (the cores idle at start), got {threads!r}")
+    torch.set_num_threads(threads)
 
 
 def autocast(device: torch.device, amp: str):
@@ -111,6 +129,9 @@ def unpack_batch(batch: Any) -> tuple[Any, Any, list[str]]:
     if len(batch) == 3:
         return batch[0], batch[1], list(batch[2])
     return batch[0], batch[1], []
+
+
+MIN_TRAIN_BATCH = 2  # BatchNorm in training needs two values per channel; batch mixup pairs samples
 
 
 def report_skipped(names: list[str], strict: bool, ctx: DistContext) -> None:
@@ -148,20 +169,23 @@ def build_scheduler(optimizer, cfg: Config, updates_per_epoch: int):
 # -- one optimisation step -------------------------------------------------------------------------
 def train_step(model: nn.Module, task: Task, inputs: torch.Tensor, targets: Any, optimizer, *,
                device: torch.device, amp: str = "none", scaler=None, clip_grad: float | None = None,
-               clip_mode: str = "agc", clip_params=None) -> torch.Tensor:
-    """Forward (task.train_batch, model, task.loss), backward, clip, step. Returns the loss (detached);
-    raises NonFiniteLossError when it is NaN or inf on any rank (all ranks stop at the same step)."""
-    from timm.utils import dispatch_clip_grad
+               clip_mode: str = "agc", clip_params=None, check_finite: bool = True) -> torch.Tensor:
+    """Forward (task.train_batch, model, task.loss), backward, clip, step. Returns the loss (detached).
 
+    ``check_finite``: raise NonFiniteLossError before the update when the loss is NaN or inf on any rank
+    (all ranks stop at the same step). It costs a host-device sync per step; the engine passes False and
+    checks the returned losses every few steps with ``LossWatch`` instead."""
     with autocast(device, amp):
         inputs, targets = task.train_batch(inputs, targets)
         outputs = model(inputs)
         loss = task.loss(outputs, targets)
-    if du.any_rank(not bool(torch.isfinite(loss.detach()).all()), device):
+    if check_finite and du.any_rank(not bool(torch.isfinite(loss.detach()).all()), device):
         raise NonFiniteLossError(f"the loss is {loss.item()} on this rank" if not torch.isfinite(loss).all()
                                  else "the loss is not finite on another rank")
     optimizer.zero_grad(set_to_none=True)
     params = clip_params if clip_params is not None else [p for p in model.parameters() if p.requires_grad]
+    if clip_grad:
+        from timm.utils import dispatch_clip_grad
     if scaler is not None:
         scaler.scale(loss).backward()
         if clip_grad:
@@ -175,6 +199,34 @@ def train_step(model: nn.Module, task: Task, inputs: torch.Tensor, targets: Any,
             dispatch_clip_grad(params, value=clip_grad, mode=clip_mode)
         optimizer.step()
     return loss.detach()
+
+
+class LossWatch:
+    """The losses since the last check, kept on the device: ``check`` (every log interval and at the end of
+    the epoch, where the loss is read for the progress bar anyway) finds the first non-finite one, on
+    every rank at the same step, without a host-device sync per step."""
+
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+        self.losses: list[torch.Tensor] = []
+
+    def record(self, step: int, loss: torch.Tensor) -> None:
+        self.steps.append(step)
+        self.losses.append(loss)
+
+    def check(self) -> tuple[int, float | None] | None:
+        """(step, the loss there or None if it was on another rank) of the first non-finite loss on any rank
+        since the last check; None when all were finite."""
+        none = torch.iinfo(torch.int64).max
+        mine = none
+        if self.losses:
+            finite = torch.isfinite(torch.stack(self.losses)).cpu()
+            if not finite.all():
+                mine = self.steps[int((~finite).nonzero()[0])]
+        first = du.min_over_ranks(mine)
+        value = float(self.losses[self.steps.index(first)]) if first == mine != none else None
+        self.steps, self.losses = [], []
+        return None if first == none else (first, value)
 
 
 def train_one_epoch(model: nn.Module, task: Task, loader, optimizer, *, epoch: int, cfg: Config,
@@ -191,36 +243,48 @@ def train_one_epoch(model: nn.Module, task: Task, loader, optimizer, *, epoch: i
     skipped = 0
     bar = tqdm(loader, total=steps, desc=f"epoch {epoch + 1}/{cfg.sched.epochs}", leave=False,
                dynamic_ncols=True, disable=not (ctx.is_main and cfg.run.progress), unit="batch")
+    watch = LossWatch()
+    loss = None
     t0 = time.perf_counter()
     for i, batch in enumerate(bar):
         inputs, targets, bad = unpack_batch(batch)
         report_skipped(bad, cfg.data.strict, ctx)
         skipped += len(bad)
-        if batch_size_of(targets) == 0:
-            continue
-        inputs, targets = to_device(inputs, ctx.device), to_device(targets, ctx.device)
-        if cfg.model.channels_last:
-            inputs = inputs.contiguous(memory_format=torch.channels_last)
-        num_updates = epoch * steps + i
-        try:
+        n = batch_size_of(targets)
+        # a step holds collectives (DDP's gradient all-reduce): every rank steps, or none does
+        fewest = du.min_over_ranks(n)
+        if fewest < MIN_TRAIN_BATCH:
+            if ctx.is_main:
+                (logger.info if logger else tqdm.write)(
+                    f"warning: step {i + 1}/{steps} dropped{' on every process' * ctx.distributed}: {fewest} "
+                    f"readable image(s) left in a batch after skipping unreadable ones (a training step needs "
+                    f"at least {MIN_TRAIN_BATCH})")
+        else:
+            inputs, targets = to_device(inputs, ctx.device), to_device(targets, ctx.device)
+            if cfg.model.channels_last:
+                inputs = inputs.contiguous(memory_format=torch.channels_last)
+            num_updates = epoch * steps + i
             loss = train_step(model, task, inputs, targets, optimizer, device=ctx.device, amp=cfg.run.amp,
                               scaler=scaler, clip_grad=cfg.optim.clip_grad, clip_mode=cfg.optim.clip_mode,
-                              clip_params=clip_params)
-        except NonFiniteLossError as e:
-            raise NonFiniteLossError(f"non-finite loss at epoch {epoch + 1}, step {i + 1}/{steps}: "
-                                     f"{e}") from None
-        n = inputs.shape[0]
-        loss_sum += loss.double() * n
-        seen += n
-        if scheduler is not None:
-            scheduler.step_update(num_updates=num_updates + 1)
-        if ema is not None:
-            ema.update(raw_model, step=num_updates + 1)
+                              clip_params=clip_params, check_finite=False)
+            watch.record(i, loss)
+            loss_sum += loss.double() * n
+            seen += n
+            if scheduler is not None:
+                scheduler.step_update(num_updates=num_updates + 1)
+            if ema is not None:
+                ema.update(raw_model, step=num_updates + 1)
         if (i + 1) % cfg.run.log_interval == 0 or i + 1 == steps:
-            lr = optimizer.param_groups[0]["lr"]
-            bar.set_postfix(loss=f"{float(loss):.4f}", lr=f"{lr:.2e}")
-            if logger is not None:
-                logger.scalars({"loss": float(loss), "lr": lr}, num_updates + 1, prefix="train/")
+            if (bad_step := watch.check()) is not None:
+                at, value = bad_step
+                where = "on another rank" if value is None else f"{value} on this rank"
+                raise NonFiniteLossError(f"non-finite loss at epoch {epoch + 1}, step {at + 1}/{steps}: the loss "
+                                         f"is {where}")
+            if loss is not None:
+                lr = optimizer.param_groups[0]["lr"]
+                bar.set_postfix(loss=f"{float(loss):.4f}", lr=f"{lr:.2e}")
+                if logger is not None:
+                    logger.scalars({"loss": float(loss), "lr": lr}, epoch * steps + i + 1, prefix="train/")
     elapsed = time.perf_counter() - t0
     counts = du.all_reduce_sum(torch.stack([loss_sum, seen, torch.tensor(float(skipped), dtype=torch.float64,
                                                                         device=ctx.device)]))
@@ -294,18 +358,50 @@ def train(task: Task, cfg: Config, *, output_dir: str | Path | None = None, resu
     """Train ``task.model`` on ``task.train_dataset`` as ``cfg`` says; see the module docstring.
 
     ``output_dir``: where logs and checkpoints go (default ``cfg.run.output / cfg.run.name``, or the
-    folder of ``resume``). ``resume``: a ``last.pth`` to continue from (model, EMA, optimizer, schedule,
-    scaler, RNG states, history). ``ctx``: the process group (default: from torchrun's environment).
+    folder of ``resume``); a folder that already holds files is refused unless resuming or
+    ``cfg.run.overwrite``, and it is locked while the run writes. ``resume``: a ``last.pth`` to continue
+    from (model, EMA, optimizer, schedule, scaler, RNG states, history). ``ctx``: the process group
+    (default: from torchrun's environment).
     """
     ctx = ctx or du.init_distributed(cfg.run.device)
     r = cfg.run
-    if r.threads is not None:
-        torch.set_num_threads(r.threads if r.threads > 0 else auto_threads(ctx))
+    configure_threads(r.threads, ctx)
     configure_determinism(r.deterministic)
     if output_dir is None:
         output_dir = Path(resume).parent if resume else Path(r.output) / (r.name or default_run_name(cfg))
     out = Path(du.broadcast_object(str(output_dir)))
+    folder = RunFolder(out)
+    notes = claim_run_folder(folder, ctx, resume=bool(resume), overwrite=r.overwrite)
+    try:
+        return _train(task, cfg, out, resume, ctx, notes)
+    finally:
+        folder.release()
+
+
+def claim_run_folder(folder: RunFolder, ctx: DistContext, *, resume: bool, overwrite: bool) -> list[str]:
+    """Rank 0 claims the run folder (``RunFolder.claim``); if it cannot, every rank raises (none is left
+    waiting for the others)."""
+    notes: list[str] = []
+    error: OSError | None = None
+    if ctx.is_main:
+        try:
+            notes = folder.claim(resume=resume, overwrite=overwrite)
+        except OSError as e:
+            error = e
+    failed = du.broadcast_object(None if error is None else str(error))
+    if error is not None:
+        raise error
+    if failed:
+        raise FileExistsError(failed)
+    return notes
+
+
+def _train(task: Task, cfg: Config, out: Path, resume: str | Path | None, ctx: DistContext,
+           notes: list[str]) -> TrainResult:
+    r = cfg.run
     logger = RunLogger(out, enabled=ctx.is_main, tensorboard=r.tensorboard)
+    for note in notes:
+        logger.info(f"note: {note}")
     seed_everything(r.seed + ctx.rank)  # ranks augment differently; DDP syncs the initial weights
 
     model = task.model.to(ctx.device)
@@ -332,6 +428,7 @@ def train(task: Task, cfg: Config, *, output_dir: str | Path | None = None, resu
 
         ema = ModelEmaV3(model, decay=cfg.ema.decay, use_warmup=cfg.ema.warmup)
 
+    last_path, best_path = out / "last.pth", out / "best.pth"
     start_epoch, history, best = 0, [], None
     if resume:
         state = load_training_state(resume)
@@ -355,6 +452,13 @@ def train(task: Task, cfg: Config, *, output_dir: str | Path | None = None, resu
             logger.info(f"note: {resume} was written by {len(rng)} processes, this run has {ctx.world_size}: "
                         "the random streams restart (results will differ from an uninterrupted run)")
         logger.info(f"resumed from {resume} after epoch {start_epoch}/{num_epochs}")
+        if ctx.is_main and best and not best_path.exists():
+            if best.get("epoch") == start_epoch:
+                copy_atomic(resume, best_path)
+                logger.info(f"note: re-created {best_path} from {resume} (epoch {start_epoch} is the best)")
+            else:
+                logger.info(f"warning: {best_path} (epoch {best.get('epoch')}, the best so far) is missing and "
+                            "cannot be re-created; the next epoch that improves on it writes a new one")
 
     train_model: nn.Module = model
     if ctx.distributed:
@@ -372,7 +476,6 @@ def train(task: Task, cfg: Config, *, output_dir: str | Path | None = None, resu
                 f"{d.batch_size} x {ctx.world_size}, lr {optimizer.param_groups[0]['lr']:.3g} -> schedule "
                 f"{cfg.sched.sched}, {num_epochs} epochs, amp {r.amp}; output {out}")
 
-    last_path, best_path = out / "last.pth", out / "best.pth"
     key = f"val_{task.best_metric}"
     stop_at = num_epochs if r.stop_after is None else min(num_epochs, start_epoch + r.stop_after)
     epochs_bar = tqdm(range(start_epoch, stop_at), desc="training", dynamic_ncols=True, unit="epoch",
@@ -421,9 +524,7 @@ def train(task: Task, cfg: Config, *, output_dir: str | Path | None = None, resu
             state = training_state(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
                                    ema=ema, epoch=epoch + 1, rng=rng, config=cfg.to_dict(), meta=task.meta,
                                    history=history, best=best)
-            save_atomic(state, last_path)
-            if is_best:
-                copy_atomic(last_path, best_path)
+            save_epoch(state, last_path, best_path if is_best else None)
         du.barrier()
     epochs_bar.close()
     if r.debug_ranks:  # lets tests check that DDP kept the ranks identical
@@ -431,8 +532,8 @@ def train(task: Task, cfg: Config, *, output_dir: str | Path | None = None, resu
     if ctx.is_main and history:
         plot_curves(history, out / "curves.png", metric=task.best_metric)
         if best and best.get("value") is not None:
-            logger.info(f"best {best['metric']} {best['value']:.4g} at epoch {best['epoch']}; "
-                        f"checkpoints {last_path}, {best_path}")
+            saved = ", ".join(str(p) for p in (last_path, best_path) if p.exists())
+            logger.info(f"best {best['metric']} {best['value']:.4g} at epoch {best['epoch']}; checkpoints {saved}")
     logger.close()
     return TrainResult(out, history, best, last_path, best_path)
 

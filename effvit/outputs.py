@@ -1,0 +1,38 @@
+"""Output locations, checked before the work that fills them: a long evaluation or a folder of photos is
+not computed only to find at the end that nothing can be written."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+
+def writable_dir(path: str | Path, flag: str = "--output") -> Path:
+    """``path`` as a folder (created if missing) in which a file could be written just now; an OSError
+    naming it and ``flag`` otherwise."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"output folder {path} is a file: choose another with {flag}")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise OSError(f"cannot write to the output folder {path} ({e.strerror or e}): choose another with "
+                      f"{flag}") from None
+    return path
+
+
+def writable_file(path: str | Path, flag: str = "--output") -> Path:
+    """``path`` as a file that could be written (its folder created if missing); an OSError otherwise."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"output file {path} is a folder: give a file name with {flag}")
+    writable_dir(path.parent, flag)
+    if path.exists():
+        try:
+            with open(path, "r+b"):
+                pass
+        except OSError as e:
+            raise OSError(f"cannot write {path} ({e.strerror or e}): choose another file with {flag}") from None
+    return path
