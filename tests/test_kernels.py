@@ -7,9 +7,14 @@ per case); with CUDA they run on the GPU, plus the paper-batch checks marked ``c
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
-from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from effvit.fast.benchmark import randomise_norms
 from effvit.models.efficientvit import VARIANTS, LocalWindowAttention
@@ -17,12 +22,13 @@ from effvit.models.efficientvit import VARIANTS, LocalWindowAttention
 pytest.importorskip("triton", reason="Triton is not installed (it ships for Linux)")
 from effvit.kernels import cascaded_attention as ca  # noqa: E402
 
+ROOT = Path(__file__).resolve().parents[1]
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 KEY_DIM = 16
 WINDOWS_AT_224 = (7, 7, 4)  # min(7, stage resolution): stage maps are 14x14, 7x7 and 4x4 at 224 px
 
 
-def _operands(C: int, heads: int, kernels, window: int, H: int, W: int, seed: int = 0) -> list:
+def _random_operands(C: int, heads: int, kernels, window: int, H: int, W: int, seed: int = 0) -> list:
     """Random operands at the scale of a trained model's (scores of order 1)."""
     g = torch.Generator().manual_seed(seed)
     d, kd = C // heads, KEY_DIM
@@ -64,33 +70,33 @@ def test_runs_here():
 @pytest.mark.parametrize("C, heads, kernels, window", _stage_cases())
 def test_every_variant_stage_matches_reference(C, heads, kernels, window):
     """Two windows of each distinct (width, heads, q kernels, window) of the six variants at 224 px."""
-    _check_fp32(_tokens(2, window, window, C), _operands(C, heads, kernels, window, window, window))
+    _check_fp32(_tokens(2, window, window, C), _random_operands(C, heads, kernels, window, window, window))
 
 
 @pytest.mark.parametrize("H, W", [(4, 4), (5, 3), (1, 1)])
 def test_map_smaller_than_the_window(H, W):
     """One window of the map's own size; its bias is the sub-grid of the 7x7 table, its conv pads at the map."""
-    _check_fp32(_tokens(2, H, W, 96), _operands(96, 3, (7, 5, 3), 7, H, W))
+    _check_fp32(_tokens(2, H, W, 96), _random_operands(96, 3, (7, 5, 3), 7, H, W))
 
 
 @pytest.mark.parametrize("H, W, programs", [(14, 14, 3), (10, 9, None), (8, 15, 1)])
 def test_maps_larger_than_the_window_and_program_loop(H, W, programs):
     """Windows read from and written to the map in place (14x14 tiles exactly; 10x9 and 8x15 are padded),
     with fewer programs than windows (each loops) or one per window."""
-    _check_fp32(_tokens(1, H, W, 64), _operands(64, 4, (7, 5, 3, 3), 7, H, W), programs=programs)
+    _check_fp32(_tokens(1, H, W, 64), _random_operands(64, 4, (7, 5, 3, 3), 7, H, W), programs=programs)
 
 
 def test_strided_input():
     """A (B, H, W, C) view with the strides of a larger map: no copy needed, same result."""
     big = _tokens(2, 9, 10, 64)
-    _check_fp32(big[:, 1:8, 2:9], _operands(64, 4, (3, 3, 3, 3), 7, 7, 7))
+    _check_fp32(big[:, 1:8, 2:9], _random_operands(64, 4, (3, 3, 3, 3), 7, 7, 7))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_within_the_pytorch_forms_error(dtype):
     """fp16/bf16: the kernel's error against fp32 stays within twice the PyTorch form's in the same dtype."""
     x = _tokens(2, 7, 7, 128, dtype=dtype)
-    args = _operands(128, 4, (7, 5, 3, 3), 7, 7, 7)
+    args = _random_operands(128, 4, (7, 5, 3, 3), 7, 7, 7)
     # fp32 truth on the operands as rounded to the dtype
     args32 = [a.to(dtype).float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args]
     with torch.no_grad():
@@ -102,21 +108,6 @@ def test_half_precision_within_the_pytorch_forms_error(dtype):
     assert 0 < torch_err and err <= 2 * torch_err, (err, torch_err)
 
 
-def _conv_norm(cn: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    bn = cn.bn
-    return fuse_conv_bn_weights(cn.conv.weight, None, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias)
-
-
-def _model_operands(attn: torch.nn.Module, H: int, W: int) -> list:
-    """The kernel's operands folded from a model's CascadedGroupAttention (eval mode)."""
-    qkv = [_conv_norm(m) for m in attn.qkvs]
-    dws = [_conv_norm(m) for m in attn.dws]
-    q_w, sizes = ca.stack_q_kernels([w * attn.scale for w, _ in dws])
-    return [torch.stack([w.flatten(1).t() for w, _ in qkv]), torch.stack([b for _, b in qkv]), q_w,
-            torch.stack([b * attn.scale for _, b in dws]), ca.window_bias(attn.attention_biases, H, W),
-            sizes, attn.window]
-
-
 @pytest.mark.parametrize("resolution, H, W", [(14, 14, 14), (14, 10, 9), (7, 4, 4), (7, 5, 3)])
 def test_reference_and_kernel_are_the_models_attention(resolution, H, W):
     """relu(concat of heads) from both, through the model's own output projection, equals the model's
@@ -126,7 +117,7 @@ def test_reference_and_kernel_are_the_models_attention(resolution, H, W):
     x = torch.randn(1, 96, H, W, generator=torch.Generator().manual_seed(2)).to(DEVICE)
     with torch.no_grad():
         want = lwa(x)
-        args = _model_operands(lwa.attn, H, W)
+        args = ca.operands(lwa.attn, H, W)
         for fn in (ca.cascaded_attention_reference, ca.cascaded_attention):
             got = lwa.attn.proj[1](fn(x.permute(0, 2, 3, 1), *args).permute(0, 3, 1, 2))
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
@@ -157,7 +148,7 @@ def test_window_bias_layout():
 
 def test_bad_arguments_say_what_to_do():
     x = _tokens(1, 7, 7, 64)
-    args = _operands(64, 4, (5, 5, 5, 5), 7, 7, 7)
+    args = _random_operands(64, 4, (5, 5, 5, 5), 7, 7, 7)
     with pytest.raises(ValueError, match=r"window_bias\(bias_table, 4, 4\)"):
         ca.cascaded_attention(_tokens(1, 4, 4, 64), *args)
     with pytest.raises(ValueError, match="does not fit x with 96 channels"):
@@ -175,7 +166,7 @@ def _paper_batch_check(variant: str, stage: int, dtype: torch.dtype) -> None:
     C, heads, window = cfg.widths[stage], cfg.heads[stage], WINDOWS_AT_224[stage]
     side = (14, 7, 4)[stage]
     x = _tokens(2048, side, side, C, dtype=dtype)
-    args = _operands(C, heads, cfg.kernels, window, side, side)
+    args = _random_operands(C, heads, cfg.kernels, window, side, side)
     args32 = [a.to(dtype).float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args]
     with torch.no_grad():
         truth = ca.cascaded_attention_reference(x.float(), *args32)
@@ -193,3 +184,30 @@ def _paper_batch_check(variant: str, stage: int, dtype: torch.dtype) -> None:
 def test_cuda_paper_batch(variant, stage, dtype):
     """Batch 2048 at 224 px (8192 windows in stage 1): every program loops over many windows."""
     _paper_batch_check(variant, stage, dtype)
+
+
+def _script(*args: str, interpret: bool, tmp_path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(PYTHONPATH=str(ROOT), TRITON_INTERPRET="1" if interpret else "0", TRITON_CACHE_DIR=str(tmp_path))
+    return subprocess.run([sys.executable, str(ROOT / "benchmarks/kernel_speed.py"), *args], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_speed_script_runs_on_the_interpreter(tmp_path):
+    """The GPU session's kernel benchmark, at its smallest on the CPU: the forms agree and the table prints."""
+    out = _script("--device", "cpu", "--variants", "m0", "--stages", "3", "--batch", "1", "--dtype", "fp32",
+                  "--iters", "1", "--rounds", "1", "--json", "rows.json", interpret=True, tmp_path=tmp_path)
+    assert out.returncode == 0, out.stderr
+    rows = json.loads((tmp_path / "rows.json").read_text())["rows"]
+    assert len(rows) == 1 and rows[0]["mismatch"] == [] and rows[0]["best_kernel"] == "kernel"
+    assert set(rows[0]["ms"]) >= {"kernel", "torch-ref"}
+    assert "| m0 | 3 | 4x4 | 1 | fp32 |" in out.stdout
+
+
+def test_compiles_for_hopper_without_a_gpu(tmp_path):
+    """Triton's compiler and ptxas build the kernel for sm_90 here (what the interpreter cannot check)."""
+    out = _script("--compile-only", "--variants", "m0", "--stages", "3", "--dtype", "fp16", interpret=False,
+                  tmp_path=tmp_path)
+    assert out.returncode == 0, out.stderr
+    row = [line for line in out.stdout.splitlines() if line.startswith("| m0 | 3 | fp16 |")]
+    assert len(row) == 1 and int(row[0].split("|")[6]) > 0, out.stdout  # registers
