@@ -74,3 +74,14 @@ def test_single_tensor_and_no_gradients():
     torch.testing.assert_close(w.grad[0].norm(), torch.tensor(0.01 * 0.03 ** 0.5))
     assert w.grad[1, 0] == 1e-4
     adaptive_clip_grad_([torch.nn.Parameter(torch.ones(3))])  # no gradient: nothing to do
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_equals_timm():
+    model = _model_with_grads().cuda()
+    for p in model.parameters():
+        p.grad = p.grad.cuda()
+    _, theirs, ours = _clip_both(model, clip_factor=0.02)
+    for t, o in zip(theirs, ours):
+        assert o.is_cuda and torch.equal(t, o)
