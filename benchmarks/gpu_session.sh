@@ -7,13 +7,16 @@
 #   tests      the CUDA tests (fused-model parity at the paper batch) and the Triton kernel's tests on CUDA
 #   kernel     benchmarks/kernel_speed.py: the Triton cascaded-attention kernel against the PyTorch forms,
 #              every variant's stages, batch 2048 and 1 in fp16 (CUDA graphs at batch 1), 2048 in bf16
+#   kernel_sweep  the kernel's num_warps x register cap on M0 and M5, stages 1-2 (which the compiler says
+#              spill: `python benchmarks/kernel_speed.py --compile-only` here, no GPU needed)
 #   train      training throughput against timm's model in the same loop (224 px, then 128 px)
 #   bench_fp16 / bench_bf16   `effvit bench --device cuda --vs timm`, batch 2048, every variant
 #   forms      the all-forms table for M0 and M4
 #
 #   bash benchmarks/gpu_session.sh OUT                        # device: bash benchmarks/gpu_session.sh $OUT
 #   PARTS="tests bench_fp16" bash benchmarks/gpu_session.sh OUT   # a later, shorter call (after a fix)
-#   BUDGET=470 (seconds, default) caps the whole script.
+#   BUDGET=470 (seconds, default) caps the whole script: call it with timeout_s 540. The machine stays
+#   warm only briefly after a call; a second call later pays a fresh start (minutes) out of the 15.
 #
 # A device call returns at most 8 files from OUT, so the logs are written outside it and packed into
 # OUT/logs.tgz after every part; OUT/summary.txt is the short table printed last.
@@ -22,7 +25,7 @@ set -u
 out=${1:?usage: gpu_session.sh OUT}
 py=${PYTHON:-python3}
 budget=${BUDGET:-470}
-parts=${PARTS:-bisect tests kernel train bench_fp16 bench_bf16 forms}
+parts=${PARTS:-bisect tests kernel kernel_sweep train bench_fp16 bench_bf16 forms}
 logs=$(mktemp -d)/logs
 mkdir -p "$out" "$logs"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -58,6 +61,8 @@ part tests 120 $py -m pytest -q -p no:cacheprovider -n 4 --durations=10 \
 kernel="$py benchmarks/kernel_speed.py --device cuda --iters 10 --rounds 2"
 part kernel 110 bash -c "$kernel --batch 2048,1 --dtype fp16 --json $logs/kernel_fp16.json && \
     $kernel --batch 2048 --dtype bf16 --json $logs/kernel_bf16.json"
+part kernel_sweep 70 $kernel --variants m0,m5 --stages 1,2 --batch 2048 --dtype fp16 --num-warps 4,8 \
+    --maxnreg 0,128 --json "$logs/kernel_sweep.json"
 part train 50 bash -c "$py benchmarks/train_throughput.py --device cuda --img-size 224 --in-chans 3 \
     --classes 1000 --batch-size 256 --steps 8 --rounds 5 && $py benchmarks/train_throughput.py \
     --device cuda --img-size 128 --steps 8 --rounds 5"
@@ -76,6 +81,8 @@ part forms 80 $py benchmarks/inference_speed.py --device cuda --skip-bench --for
     [ -f "$logs/tests.log" ] && { echo "== tests"; grep -E "passed|failed|error" "$logs/tests.log" | tail -3; }
     [ -f "$logs/kernel.log" ] && { echo "== kernel (best PyTorch form vs best kernel form, median ms)"
         grep -E "^\| (m[0-5]|variant)" "$logs/kernel.log"; grep "MISMATCH" "$logs/kernel.log" | head -5; }
+    [ -f "$logs/kernel_sweep.log" ] && { echo "== kernel_sweep (median ms per form)"
+        grep -E "^m[0-5] s" "$logs/kernel_sweep.log"; }
     [ -f "$logs/train.log" ] && { echo "== train"; grep "img/s" "$logs/train.log"; }
     for b in bench_fp16 bench_bf16; do
         [ -f "$logs/$b.log" ] && { echo "== $b"; tail -12 "$logs/$b.log"; }

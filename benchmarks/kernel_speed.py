@@ -4,7 +4,8 @@ For each variant's stages at 224 px (maps 14x14, 7x7, 4x4) it builds the stage's
 random BN statistics and bias, folds it (``effvit.kernels.cascaded_attention.operands``), and times on one
 (B, H, W, C) token map, in alternating rounds, median wall time per call with a sync after each:
 
-- ``kernel``: the Triton kernel (windows read from the map in place; ``wN`` = num_warps N);
+- ``kernel``: the Triton kernel (windows read from the map in place; ``wN``: num_warps N, ``rN``: at most N
+  registers per thread);
 - ``torch-fused``: the inference form's PyTorch attention (``effvit.fast.fuse.FusedCascadedAttention``,
   window gather included), where that module exists;
 - ``torch-ref``: the plain PyTorch reference (the paper's head loop);
@@ -44,6 +45,7 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--batch", default="2048,1", help="batches (images), comma-separated")
     ap.add_argument("--dtype", default="fp16,bf16", help="comma-separated among fp32, fp16, bf16")
     ap.add_argument("--num-warps", default="", help="kernel forms to time, e.g. 4,8 (default: the kernel's own)")
+    ap.add_argument("--maxnreg", default="0", help="register caps per thread to time, e.g. 0,128 (0: none)")
     ap.add_argument("--iters", type=int, default=20, help="timed calls per form per round")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph forms at batch 1")
@@ -65,6 +67,12 @@ def cases(args):
             yield v, s, cfg.widths[s], cfg.heads[s], cfg.kernels[:cfg.heads[s]], side, min(7, side)
 
 
+def kernel_configs(args, default_warps=None) -> list[tuple]:
+    """(num_warps, maxnreg) pairs to try; None/0 leave the kernel's default."""
+    warps = [int(w) for w in args.num_warps.split(",") if w] or [default_warps]
+    return [(w, int(r)) for w in warps for r in args.maxnreg.split(",")]
+
+
 def compile_only(args) -> None:
     """Registers and spills of the kernel per stage shape, from Triton's compiler and ptxas (no GPU)."""
     import triton
@@ -76,13 +84,13 @@ def compile_only(args) -> None:
 
     cuobjdump = Path(triton.__file__).parent / "backends/nvidia/bin/cuobjdump"
     ints = ("stride_b stride_h stride_w H W WH WW n_wh n_ww n_windows kernel_sizes").split()
-    print("| variant | stage | dtype | d | warps | registers | spill stack (B) | shared (B) | compile s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| variant | stage | dtype | d | warps | maxnreg | registers | spill stack (B) | shared (B) | compile s |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for v, s, C, heads, kernels, side, window in cases(args):
         d = C // heads
         for name in args.dtype.split(","):
             mm = getattr(tl, DTYPES[name])
-            for warps in [int(w) for w in args.num_warps.split(",") if w] or [8 if _block(d) > 32 else 4]:
+            for warps, maxnreg in kernel_configs(args, default_warps=8 if _block(d) > 32 else 4):
                 sig = {n: f"*{'fp32' if i > 1 else name}" for i, n in enumerate(
                     "x_ptr out_ptr qkv_w_ptr qkv_b_ptr q_w_ptr q_b_ptr bias_ptr scratch_ptr".split())}
                 sig.update({n: "i32" for n in ints})
@@ -91,8 +99,9 @@ def compile_only(args) -> None:
                              KDP=16, MM=mm, PRECISION="ieee" if name == "fp32" else "tf32")
                 sig.update({k: "constexpr" for k in const})
                 t0 = time.perf_counter()
+                options = {"num_warps": warps} | ({"maxnreg": maxnreg} if maxnreg else {})
                 k = triton.compile(ASTSource(_cga_kernel, sig, const), target=GPUTarget("cuda", args.arch, 32),
-                                   options={"num_warps": warps})
+                                   options=options)
                 dt = time.perf_counter() - t0
                 cubin = Path(f"/tmp/effvit_cga_{os.getpid()}.cubin")
                 cubin.write_bytes(k.asm["cubin"])
@@ -100,8 +109,8 @@ def compile_only(args) -> None:
                                        text=True).stdout
                 cubin.unlink()
                 got = dict(re.findall(r"(REG|STACK):(\d+)", usage))
-                print(f"| {v} | {s + 1} | {name} | {d} | {warps} | {got.get('REG')} | {got.get('STACK')} | "
-                      f"{k.metadata.shared} | {dt:.1f} |")
+                print(f"| {v} | {s + 1} | {name} | {d} | {warps} | {maxnreg or '-'} | {got.get('REG')} | "
+                      f"{got.get('STACK')} | {k.metadata.shared} | {dt:.1f} |")
 
 
 def partition(t, window: int):
@@ -175,7 +184,6 @@ def main() -> None:
     gpu = device.type == "cuda"
     sync = torch.cuda.synchronize if gpu else (lambda: None)
     torch.set_grad_enabled(False)
-    warps = [int(w) for w in args.num_warps.split(",") if w] or [None]
     rows = []
     for v, s, C, heads, kernels, side, window in cases(args):
         torch.manual_seed(0)
@@ -189,11 +197,11 @@ def main() -> None:
                 x = torch.randn(batch, side, side, C, generator=torch.Generator().manual_seed(1)).to(device, dtype)
                 # each form returns (its output, that output as a float (B, S, S, C) map for the check)
                 forms = {}
-                for w in warps:
-                    def kernel(w=w, x=x, ops=ops):
-                        y = ca.cascaded_attention(x, *ops, num_warps=w)
+                for w, r in kernel_configs(args):
+                    def kernel(w=w, r=r, x=x, ops=ops):
+                        y = ca.cascaded_attention(x, *ops, num_warps=w, maxnreg=r or None)
                         return y, y.float()
-                    forms[f"kernel w{w}" if w else "kernel"] = kernel
+                    forms[" ".join(["kernel"] + [f"w{w}"] * bool(w) + [f"r{r}"] * bool(r))] = kernel
                 if fused is not None:
                     def torch_fused(x=x, fused=fused, batch=batch, side=side, window=window):
                         y = fused(partition(x, window))

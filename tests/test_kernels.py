@@ -79,17 +79,18 @@ def test_map_smaller_than_the_window(H, W):
     _check_fp32(_tokens(2, H, W, 96), _random_operands(96, 3, (7, 5, 3), 7, H, W))
 
 
-@pytest.mark.parametrize("H, W, programs", [(14, 14, 3), (10, 9, None), (8, 15, 1)])
+@pytest.mark.parametrize("H, W, programs", [(14, 14, 3), (10, 9, None), (9, 8, 1)])
 def test_maps_larger_than_the_window_and_program_loop(H, W, programs):
-    """Windows read from and written to the map in place (14x14 tiles exactly; 10x9 and 8x15 are padded),
+    """Windows read from and written to the map in place (14x14 tiles exactly; 10x9 and 9x8 are padded),
     with fewer programs than windows (each loops) or one per window."""
     _check_fp32(_tokens(1, H, W, 64), _random_operands(64, 4, (7, 5, 3, 3), 7, H, W), programs=programs)
 
 
-def test_strided_input():
-    """A (B, H, W, C) view with the strides of a larger map: no copy needed, same result."""
+def test_strided_input_and_tuning_knobs():
+    """A (B, H, W, C) view with the strides of a larger map: no copy needed, same result; the tuning
+    arguments change the speed only."""
     big = _tokens(2, 9, 10, 64)
-    _check_fp32(big[:, 1:8, 2:9], _random_operands(64, 4, (3, 3, 3, 3), 7, 7, 7))
+    _check_fp32(big[:, 1:8, 2:9], _random_operands(64, 4, (3, 3, 3, 3), 7, 7, 7), num_warps=8, maxnreg=128)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -210,4 +211,4 @@ def test_compiles_for_hopper_without_a_gpu(tmp_path):
                   tmp_path=tmp_path)
     assert out.returncode == 0, out.stderr
     row = [line for line in out.stdout.splitlines() if line.startswith("| m0 | 3 | fp16 |")]
-    assert len(row) == 1 and int(row[0].split("|")[6]) > 0, out.stdout  # registers
+    assert len(row) == 1 and int(row[0].split("|")[7]) > 0, out.stdout  # registers

@@ -210,11 +210,14 @@ def cascaded_attention_reference(x: torch.Tensor, qkv_w: torch.Tensor, qkv_b: to
 
 def cascaded_attention(x: torch.Tensor, qkv_w: torch.Tensor, qkv_b: torch.Tensor, q_w: torch.Tensor,
                        q_b: torch.Tensor, bias: torch.Tensor, kernel_sizes: Sequence[int], window: int, *,
-                       programs: int | None = None, num_warps: int | None = None) -> torch.Tensor:
+                       programs: int | None = None, num_warps: int | None = None,
+                       maxnreg: int | None = None) -> torch.Tensor:
     """The Triton kernel (module docstring); ``available(x.device)`` must hold.
 
-    ``programs`` caps the number of programs, each looping over windows (default: 8 per multiprocessor on
-    CUDA, one per window under the interpreter); ``num_warps`` defaults to 4, or 8 for d > 32.
+    Tuning (speed only, never the result): ``programs`` caps the number of programs, each looping over
+    windows (default: 8 per multiprocessor on CUDA, one per window under the interpreter); ``num_warps``
+    defaults to 4, or 8 for d > 32; ``maxnreg`` caps registers per thread (more programs resident per
+    multiprocessor, at the price of spills).
     """
     d, kd, wh, ww, nh, nw = _check(x, qkv_w, qkv_b, q_w, q_b, bias, kernel_sizes, window)
     if not available(x.device):
@@ -247,7 +250,7 @@ def cascaded_attention(x: torch.Tensor, qkv_w: torch.Tensor, qkv_b: torch.Tensor
         sum(k << (4 * i) for i, k in enumerate(kernel_sizes)),
         C=C, D=d, KD=kd, HEADS=len(kernel_sizes), KMAX=q_w.shape[1], NP=p, DP=dp, KDP=kdp,
         MM=mm, PRECISION="ieee" if mm == tl.float32 else "tf32",
-        num_warps=num_warps or (8 if dp > 32 else 4),
+        num_warps=num_warps or (8 if dp > 32 else 4), **({} if maxnreg is None else {"maxnreg": maxnreg}),
     )
     return out
 
@@ -276,9 +279,9 @@ if triton is not None:
         to -inf (by the bias operand). ``kernel_sizes`` packs head i's q kernel size in bits 4i..4i+3. Values
         are rounded to x's dtype where the PyTorch form rounds them; MM is the dtype the GEMMs multiply in
         (x's, except bf16 under the interpreter)."""
-        dt: tl.constexpr = x_ptr.dtype.element_ty
-        f32: tl.constexpr = tl.float32
-        E: tl.constexpr = 2 * KD + D
+        dt = x_ptr.dtype.element_ty
+        f32 = tl.float32
+        E = 2 * KD + D
         tok = tl.arange(0, NP)
         dcol = tl.arange(0, DP)
         kcol = tl.arange(0, KDP)
