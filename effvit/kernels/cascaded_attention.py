@@ -347,6 +347,7 @@ if triton is not None:
                 s += _rounded(tl.load(bias_ptr + i * NP * NP + tok[:, None] * NP + tok[None, :]), dt, MM).to(f32)
                 p = tl.exp2((s - tl.max(s, axis=1)[:, None]) * 1.4426950408889634)
                 o = tl.dot(_rounded(p, dt, MM), _rounded(v, dt, MM), input_precision=PRECISION)
-                o = o / tl.sum(p, axis=1)[:, None]
-                y = _rounded(tl.maximum(o, 0.0), dt, MM).to(dt)  # exact: already representable
-                tl.store(out_tok[:, None] + (i * D + dcol)[None, :], y, mask=in_map[:, None] & dmask[None, :])
+                # the head's output in x's dtype, as the next head reads it; stored after the ReLU
+                o = _rounded(o / tl.sum(p, axis=1)[:, None], dt, MM).to(f32)
+                tl.store(out_tok[:, None] + (i * D + dcol)[None, :], tl.maximum(o, 0.0).to(dt),
+                         mask=in_map[:, None] & dmask[None, :])
