@@ -7,15 +7,15 @@ random BN statistics and bias, folds it (``effvit.kernels.cascaded_attention.ope
 - ``kernel``: the Triton kernel (windows read from the map in place; ``wN``: num_warps N, ``rN``: at most N
   registers per thread);
 - ``torch-fused``: the inference form's PyTorch attention (``effvit.fast.fuse.FusedCascadedAttention``,
-  window gather included), where that module exists;
+  where this checkout has it), its window gather included (the scatter back is not: that form folds it
+  into the residual add);
 - ``torch-ref``: the plain PyTorch reference (the paper's head loop);
 - ``+graph``: the same replayed from a CUDA graph (batch 1: what a latency-bound user would run).
 
 Every form's output is first checked against the fp32 reference: a form whose error exceeds twice the
 PyTorch reference's own error in the same dtype (plus 1e-5 of the output's scale) is marked MISMATCH and
-its time does not count. The table
-ends with the speedup of the best kernel form over the best PyTorch form and the kernel's HBM traffic rate
-(tokens read and written once).
+its time does not count. The table ends with the speedup of the best kernel form over the best PyTorch
+form and the kernel's memory traffic rate (tokens read once and written once, GB/s).
 
     python benchmarks/kernel_speed.py --device cuda --batch 2048,1 --dtype fp16,bf16 --json out.json
     python benchmarks/kernel_speed.py --device cpu --variants m0 --stages 3 --batch 1   # interpreter smoke
@@ -129,7 +129,7 @@ def unpartition(y, batch: int, side: int, window: int):
     return y.view(batch, n, n, w, w, C).transpose(2, 3).reshape(batch, side, side, C)
 
 
-def measure(args, forms: dict, truth, torch_err: float, graphs: bool, sync) -> tuple[dict, dict]:
+def measure(args, forms: dict, truth, graphs: bool, sync) -> tuple[dict, dict]:
     """Check every form against the fp32 truth, add CUDA-graph replays if asked, time in alternating rounds.
     Returns (median ms, max abs error) per form."""
     import torch
@@ -184,6 +184,8 @@ def main() -> None:
     gpu = device.type == "cuda"
     sync = torch.cuda.synchronize if gpu else (lambda: None)
     torch.set_grad_enabled(False)
+    # the fp32 truth must be fp32 (cuDNN convs default to TF32); the timed forms are 16-bit
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     rows = []
     for v, s, C, heads, kernels, side, window in cases(args):
         torch.manual_seed(0)
@@ -215,7 +217,7 @@ def main() -> None:
                 truth = ca.cascaded_attention_reference(x.float(), *[o.float() if torch.is_tensor(o) else o
                                                                     for o in ops])
                 torch_err = (torch_ref()[1] - truth).abs().max().item()
-                med, errs = measure(args, forms, truth, torch_err, gpu and batch == 1 and not args.no_graphs, sync)
+                med, errs = measure(args, forms, truth, gpu and batch == 1 and not args.no_graphs, sync)
                 ok = {f: errs[f] <= 2 * torch_err + 1e-5 * truth.abs().max().item() for f in med}
                 best_k = min((f for f in med if f.startswith("kernel") and ok[f]), key=med.get, default=None)
                 best_t = min((f for f in med if f.startswith("torch") and ok[f]), key=med.get, default=None)

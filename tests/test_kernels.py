@@ -28,6 +28,15 @@ KEY_DIM = 16
 WINDOWS_AT_224 = (7, 7, 4)  # min(7, stage resolution): stage maps are 14x14, 7x7 and 4x4 at 224 px
 
 
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    """On a GPU the fp32 checks (1e-5) need the PyTorch side in true fp32: cuDNN convs default to TF32."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def _random_operands(C: int, heads: int, kernels, window: int, H: int, W: int, seed: int = 0) -> list:
     """Random operands at the scale of a trained model's (scores of order 1)."""
     g = torch.Generator().manual_seed(seed)
