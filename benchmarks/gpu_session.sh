@@ -55,7 +55,7 @@ part() {  # part NAME SECONDS CMD...: run CMD under min(SECONDS, budget left), o
     lscpu | grep -E "^Model name|^CPU\(s\)"
 } >"$logs/env.txt" 2>&1
 
-part bisect 150 bash benchmarks/gpu_bisect/gpu_sweep.sh "$logs/bisect"
+part bisect 150 env SWEEP_BUDGET=140 bash benchmarks/gpu_bisect/gpu_sweep.sh "$logs/bisect"
 part tests 120 $py -m pytest -q -p no:cacheprovider -n 4 --durations=10 \
     -k "cuda or kernels and not script and not hopper" tests
 kernel="$py benchmarks/kernel_speed.py --device cuda --iters 10 --rounds 2"

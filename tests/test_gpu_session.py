@@ -44,3 +44,21 @@ def test_dry_run_runs_the_chosen_parts_and_hands_back_two_files(tmp_path):
 def test_parts_that_no_longer_fit_are_skipped(tmp_path):
     stdout, _ = _dry_run(tmp_path, "tests kernel", 10)
     assert "tests: skipped" in stdout and "kernel: skipped" in stdout
+
+
+def test_bisect_sweep_keeps_to_its_budget(tmp_path):
+    """Each run's own timeout is cut to the sweep's budget and runs that no longer fit are skipped (an
+    outer timeout would not reach them)."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "python3").write_text("#!/bin/sh\necho \"$@\"\n")
+    (fake / "python3").chmod(0o755)
+    env = dict(os.environ, PATH=f"{fake}:{os.environ['PATH']}")
+    sweep = ["bash", str(ROOT / "benchmarks/gpu_bisect/gpu_sweep.sh")]
+    subprocess.run(sweep + [str(tmp_path / "all")], cwd=ROOT, env=env, check=True, capture_output=True)
+    ran = (tmp_path / "all/parts.txt").read_text().splitlines()
+    assert len(ran) == 12 and all(line.endswith("rc=0") for line in ran)
+    assert "efficientvit_m0 2048 fp16" in (tmp_path / "all/m0_fp16_ops.log").read_text()
+    subprocess.run(sweep + [str(tmp_path / "none")], cwd=ROOT, env=dict(env, SWEEP_BUDGET="10"), check=True,
+                   capture_output=True)
+    assert all("skipped" in line for line in (tmp_path / "none/parts.txt").read_text().splitlines())
