@@ -1,9 +1,16 @@
+import os
+
 import pytest
 import torch
 
+# Without a GPU, Triton kernels run on Triton's CPU interpreter. The flag is read when a kernel is defined,
+# at its module's import, so it is set here, before anything imports effvit.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 # Random BN statistics/affine and bias tables: the zero-init gammas would otherwise make every block an
 # identity and hide most of the network from a parity check.
-from effvit.fast.benchmark import randomise_norms as randomize  # noqa: F401
+from effvit.fast.benchmark import randomise_norms as randomize  # noqa: E402, F401
 
 
 @pytest.fixture
