@@ -193,6 +193,42 @@ def test_mixed_precision_steps(amp):
     assert model.head.linear.weight.dtype == torch.float32  # autocast: master weights stay fp32
 
 
+def test_agc_step_uses_effvits_batched_clip(monkeypatch):
+    """clip_mode=agc runs effvit.train.agc (not timm's per-parameter loop) and updates as timm's AGC would."""
+    import copy
+
+    from timm.utils import adaptive_clip_grad
+
+    from effvit.models import create_model
+    from effvit.train import ClassificationTask, engine, train_step
+
+    torch.manual_seed(0)
+    model = create_model("efficientvit_m0", num_classes=3, img_size=32).train()
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
+    ref = copy.deepcopy(model)
+    nn.functional.cross_entropy(ref(x), y).backward()
+    params = [p for p in ref.parameters() if p.grad is not None]
+    unclipped = [p.grad.clone() for p in params]
+    adaptive_clip_grad(params, clip_factor=0.02)
+    assert any(not torch.equal(p.grad, g) for p, g in zip(params, unclipped))  # the clip changes something
+    expected = [(p - p.grad).detach() for p in params]  # SGD at lr 1
+
+    calls = []
+    real = engine.adaptive_clip_grad_
+    monkeypatch.setattr(engine, "adaptive_clip_grad_", lambda ps, **kw: (calls.append(kw), real(ps, **kw)))
+    task = ClassificationTask(model, None, num_classes=3)
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    train_step(model, task, x, y, opt, device=torch.device("cpu"), clip_grad=0.02, clip_mode="agc")
+    assert calls == [{"clip_factor": 0.02}]
+    for p, e in zip([p for p in model.parameters() if p.grad is not None], expected, strict=True):
+        torch.testing.assert_close(p.detach(), e)
+
+    train_step(model, task, x, y, opt, device=torch.device("cpu"), clip_grad=1.0, clip_mode="norm")
+    assert len(calls) == 1  # other modes stay timm's
+    with pytest.raises(ValueError, match="clip_mode must be agc, norm or value, got 'agx'"):
+        train_step(model, task, x, y, opt, device=torch.device("cpu"), clip_grad=1.0, clip_mode="agx")
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_training_step():
     from effvit.models import create_model
