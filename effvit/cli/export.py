@@ -1,11 +1,12 @@
-"""``effvit export``: the fused inference model as ONNX and/or TorchScript, verified after writing."""
+"""``effvit export``: the fused inference model as ONNX, TorchScript and/or OpenVINO IR, verified after
+writing; ``--int8`` adds the post-training int8 form, checked against fp32 on held-out images."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-FORMATS = {"onnx": ".onnx", "torchscript": ".ts.pt"}
+FORMATS = {"onnx": ".onnx", "torchscript": ".ts.pt", "openvino": ".xml"}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -18,7 +19,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-classes", type=int, default=None, help="classes of the head (without --checkpoint)")
     p.add_argument("--img-size", type=int, nargs="+", default=None,
                    help="H [W] fixed in the export (default: the checkpoint's, else 224)")
-    p.add_argument("--format", default="onnx,torchscript", help="comma-separated: onnx, torchscript")
+    p.add_argument("--format", default="onnx,torchscript",
+                   help="comma-separated: onnx, torchscript, openvino (IR converted from the ONNX export)")
     p.add_argument("--out", default="exports", help="output folder")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 17)")
     p.add_argument("--layout", default="nchw", choices=["nchw", "tokens"],
@@ -26,6 +28,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dynamo", action="store_true", help="use the torch.export-based ONNX exporter")
     p.add_argument("--atol", type=float, default=1e-4, help="max abs difference accepted by verification")
     p.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime / reload check")
+    q = p.add_argument_group("int8 (post-training static quantization of the ONNX export)")
+    q.add_argument("--int8", action="store_true", help="also write NAME.int8.onnx (and NAME.int8.xml with "
+                   "openvino), checked against fp32 on held-out images")
+    q.add_argument("--calib", metavar="DIR", help="folder of calibration images (default: the checkpoint's "
+                   "training data)")
+    q.add_argument("--data", metavar="DIR", help="the checkpoint's data root (Fashion-MNIST IDX folder, or "
+                   "ROOT with train/ and val/ for a folder dataset)")
+    q.add_argument("--calib-images", type=int, default=512, help="calibration images (default 512)")
+    q.add_argument("--check-images", type=int, default=10000,
+                   help="held-out images for the agreement check (default 10000; 0: all)")
+    q.add_argument("--calib-method", default="minmax", choices=["minmax", "percentile", "entropy"])
+    q.add_argument("--int8-ops", default="Conv,Gemm",
+                   help="ONNX op types to quantize; the rest stay fp32 (default Conv,Gemm: BENCHMARKS.md)")
+    q.add_argument("--min-agreement", type=float, default=0.99,
+                   help="least top-1 agreement with fp32 accepted (default 0.99)")
     p.set_defaults(func=run)
 
 
@@ -50,10 +67,12 @@ def run(args: argparse.Namespace) -> int:
         size = model.img_size
     else:
         size = size or (224, 224)
+        info = None
         model = create_model(names[0], num_classes=args.num_classes, img_size=size)
     out = Path(args.out)
     stem = f"{model.variant}_{size[0]}x{size[1]}"
-    for f in formats:
+    needs_onnx = (args.int8 or "openvino" in formats) and "onnx" not in formats
+    for f in (["onnx"] if needs_onnx else []) + [f for f in formats if f != "openvino"]:
         path = out / f"{stem}{FORMATS[f]}"
         if f == "onnx":
             diff = export_onnx(model, path, size, opset=args.opset, dynamo=args.dynamo,
@@ -64,4 +83,57 @@ def run(args: argparse.Namespace) -> int:
             check = "torch.jit.load"
         note = "not verified" if diff is None else f"verified with {check}: max abs diff {diff:.2e}"
         print(f"{f:<12} {path}  ({note}; dynamic batch, {size[0]}x{size[1]})")
+    onnx_path = out / f"{stem}.onnx"
+    int8_path = out / f"{stem}.int8.onnx"
+    sets = _export_int8(args, model, info, onnx_path, int8_path) if args.int8 else None
+    if "openvino" in formats:
+        _export_openvino(args, model, size, onnx_path, int8_path, sets)
+    if needs_onnx:
+        onnx_path.unlink()  # only the input of the int8 / OpenVINO conversion
     return 0
+
+
+def _export_int8(args, model, info, onnx_path: Path, int8_path: Path):
+    from effvit.fast.calibration import image_sets
+    from effvit.fast.quantize import export_int8
+    from effvit.train.config import AugConfig
+    from effvit.train.data import build_transform
+    from effvit.train.inference import eval_transform
+
+    transform = (eval_transform(info) if info is not None
+                 else build_transform(AugConfig(), model.img_size[0], model.in_chans, is_training=False))
+    sets = image_sets(info, transform, folder=args.calib, data_root=args.data,
+                      calibration_images=args.calib_images, held_out_images=args.check_images)
+    ops = args.int8_ops.split(",")
+    n, agreement, skipped = export_int8(onnx_path, int8_path, sets, ops=ops, method=args.calib_method,
+                                        min_agreement=args.min_agreement)
+    if skipped:
+        print(f"skipped {len(skipped)} unreadable image(s), e.g. {skipped[0]}")
+    print(f"{'int8':<12} {int8_path}  (QDQ, per-channel int8 weights, {'+'.join(ops)} in int8; calibrated on "
+          f"{n} images, {args.calib_method}; {sets.source})")
+    print(f"{'':<12} {agreement.summary()}")
+    return sets
+
+
+def _export_openvino(args, model, size, onnx_path: Path, int8_path: Path, sets) -> None:
+    """fp32 IR (parity-checked); with ``--int8`` the int8 IR, and where the CPU has bf16 units the IR
+    run in bf16, both checked against fp32 ONNX Runtime on the held-out images."""
+    from effvit.fast.calibration import batches
+    from effvit.fast.cpuinfo import bf16_unit
+    from effvit.fast.openvino_ir import export_openvino, openvino_predictor, verify_openvino
+    from effvit.fast.quantize import compare_predictions, ort_predictor
+
+    xml = export_openvino(onnx_path, onnx_path.with_suffix(".xml"))
+    diff = None if args.no_verify else verify_openvino(xml, model, size, args.atol)
+    note = "not verified" if diff is None else f"verified with OpenVINO f32: max abs diff {diff:.2e}"
+    print(f"{'openvino':<12} {xml}  ({note}; dynamic batch, {size[0]}x{size[1]})")
+    checks = {}
+    if sets is not None:
+        checks[export_openvino(int8_path, int8_path.with_suffix(".xml"))] = "f32"
+        if bf16_unit():
+            checks[xml] = "bf16"
+    for path, precision in checks.items():
+        held = batches(sets.held_out, sets.held_out_idx, 64, sets.labelled)
+        agreement = compare_predictions(ort_predictor(onnx_path, 0), openvino_predictor(path, 0, precision), held)
+        kind = "int8" if path != xml else f"run in bf16 ({bf16_unit()})"
+        print(f"{'openvino':<12} {path}  ({kind}) {agreement.summary()}")
