@@ -4,6 +4,7 @@ writing; ``--int8`` adds the post-training int8 form, checked against fp32 on he
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".ts.pt", "openvino": ".xml"}
@@ -30,7 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime / reload check")
     q = p.add_argument_group("int8 (post-training static quantization of the ONNX export)")
     q.add_argument("--int8", action="store_true", help="also write NAME.int8.onnx (and NAME.int8.xml with "
-                   "openvino), checked against fp32 on held-out images")
+                   "openvino), checked against fp32 on held-out images (the check in NAME.int8.json)")
     q.add_argument("--calib", metavar="DIR", help="folder of calibration images (default: the checkpoint's "
                    "training data)")
     q.add_argument("--data", metavar="DIR", help="the checkpoint's data root (Fashion-MNIST IDX folder, or "
@@ -107,6 +108,11 @@ def _export_int8(args, model, info, onnx_path: Path, int8_path: Path):
     ops = args.int8_ops.split(",")
     n, agreement, skipped = export_int8(onnx_path, int8_path, sets, ops=ops, method=args.calib_method,
                                         min_agreement=args.min_agreement)
+    record = {"int8": int8_path.name, "fp32": onnx_path.name, "input_shape": [model.in_chans, *model.img_size],
+              "ops": ops, "calibration_images": n,
+              "calibration_method": args.calib_method, "source": sets.source, **vars(agreement),
+              "delta": agreement.delta}
+    int8_path.with_suffix(".json").write_text(json.dumps(record, indent=2))
     if skipped:
         print(f"skipped {len(skipped)} unreadable image(s), e.g. {skipped[0]}")
     print(f"{'int8':<12} {int8_path}  (QDQ, per-channel int8 weights, {'+'.join(ops)} in int8; calibrated on "

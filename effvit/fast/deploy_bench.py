@@ -25,7 +25,7 @@ from .cpuinfo import bf16_unit
 from .openvino_ir import export_openvino, openvino_predictor
 from .quantize import ort_predictor, quantize_onnx
 
-__all__ = ["p90", "int8_peak_ops", "deploy_forms", "bench_deploy"]
+__all__ = ["p90", "int8_peak_ops", "deploy_forms", "bench_deploy", "onnx_speed"]
 
 FP32_FORMS = ("torch fp32", "ort fp32", "openvino fp32")
 
@@ -151,3 +151,19 @@ def bench_deploy(model: nn.Module, x: torch.Tensor, threads: int, seconds: float
             "best": best[impl] == (impl, form),
         })
     return rows
+
+
+def onnx_speed(paths: dict[str, str | Path], input_shape: tuple[int, int, int], threads: int = 1,
+               batch_sizes: tuple[int, ...] = (1, 16), seconds: float = 2.0, rounds: int = 4,
+               ) -> dict[int, dict[str, B.Timing]]:
+    """ONNX files (e.g. fp32 and int8) timed in ONNX Runtime alternately at each batch size:
+    {batch: {name: Timing}}; ``seconds`` per file and batch size."""
+    out = {}
+    for batch in batch_sizes:
+        x = torch.randn(batch, *input_shape, generator=torch.Generator().manual_seed(0)).numpy()
+        fns = {}
+        for name, path in paths.items():
+            run = ort_predictor(path, threads)
+            fns[name] = lambda run=run, x=x: run(x)
+        out[batch] = B.alternate(fns, seconds, rounds, torch.device("cpu"), warmup=0.2)
+    return out

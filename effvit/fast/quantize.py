@@ -57,7 +57,8 @@ def quantize_onnx(fp32_path: str | Path, out_path: str | Path, calibration: Iter
     """Write the int8 (QDQ) form of the fp32 ONNX model at ``fp32_path`` to ``out_path``.
 
     ``calibration`` yields float32 batches (N, C, H, W) preprocessed exactly as the model's inputs;
-    ``ops`` are the op types to quantize (others stay fp32); ``method`` sets the activation ranges
+    ``ops`` are the op types to quantize (others stay fp32; ``["all"]``: every op type onnxruntime can
+    quantize, softmax and the attention products included); ``method`` sets the activation ranges
     (minmax, or percentile/entropy to clip outliers). Returns the number of calibration images.
     """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -67,7 +68,9 @@ def quantize_onnx(fp32_path: str | Path, out_path: str | Path, calibration: Iter
     if not ops:
         raise ValueError("no op types to quantize: name at least one, e.g. Conv,Gemm")
     present = graph_op_types(fp32_path)
-    missing = [o for o in ops if o not in present]
+    missing = [o for o in ops if o not in present and o != "all"]
+    if "all" in ops and len(ops) > 1:
+        raise ValueError(f"'all' quantizes every op type onnxruntime can; do not combine it with {ops}")
     if missing:
         raise ValueError(f"{fp32_path} has no {', '.join(missing)} nodes to quantize; its op types are "
                          f"{', '.join(sorted(present))}")
@@ -87,8 +90,8 @@ def quantize_onnx(fp32_path: str | Path, out_path: str | Path, calibration: Iter
         pre = Path(tmp) / "pre.onnx"
         quant_pre_process(str(fp32_path), str(pre), skip_symbolic_shape=True)
         quantize_static(str(pre), str(out_path), reader, quant_format=QuantFormat.QDQ, per_channel=per_channel,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, op_types_to_quantize=ops,
-                        calibrate_method=methods[method],
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        op_types_to_quantize=None if ops == ["all"] else ops, calibrate_method=methods[method],
                         # uint8 activations x int8 weights is the pair the x86 VNNI kernels take
                         extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
     if reader.seen == 0:
@@ -132,30 +135,38 @@ class Agreement:
         return s
 
 
-def compare_predictions(reference: Predictor, candidate: Predictor,
-                        batches: Iterable[tuple[np.ndarray, np.ndarray | None]]) -> Agreement:
+def compare_predictions(reference: Predictor, candidate: Predictor | dict[str, Predictor],
+                        batches: Iterable[tuple[np.ndarray, np.ndarray | None]]) -> Agreement | dict[str, Agreement]:
     """Top-1 agreement (and accuracies where labels are given) of ``candidate`` with ``reference``
-    over ``batches`` of (images, labels or None)."""
-    n = same = hits_ref = hits = 0
+    over ``batches`` of (images, labels or None). Several candidates (a dict) share one pass over the
+    images and one reference run per batch."""
+    many = isinstance(candidate, dict)
+    cands = candidate if many else {"": candidate}
+    n = hits_ref = 0
+    same = dict.fromkeys(cands, 0)
+    hits = dict.fromkeys(cands, 0)
+    diff = dict.fromkeys(cands, 0.0)
     labelled = True
-    diff = 0.0
     for images, labels in batches:
-        a, b = reference(images), candidate(images)
-        pa, pb = a.argmax(1), b.argmax(1)
+        a = reference(images)
+        pa = a.argmax(1)
         n += len(images)
-        same += int((pa == pb).sum())
-        diff = max(diff, float(np.abs(a.astype(np.float32) - b.astype(np.float32)).max()))
-        if labels is None:
-            labelled = False
-        else:
+        labelled = labelled and labels is not None
+        if labelled:
             labels = np.asarray(labels)
             hits_ref += int((pa == labels).sum())
-            hits += int((pb == labels).sum())
+        for k, predict in cands.items():
+            b = predict(images)
+            pb = b.argmax(1)
+            same[k] += int((pa == pb).sum())
+            diff[k] = max(diff[k], float(np.abs(a.astype(np.float32) - b.astype(np.float32)).max()))
+            if labelled:
+                hits[k] += int((pb == labels).sum())
     if n == 0:
         raise ValueError("no held-out images to compare on")
-    if not labelled:
-        return Agreement(n, same / n, max_abs_diff=diff)
-    return Agreement(n, same / n, 100 * hits_ref / n, 100 * hits / n, diff)
+    out = {k: Agreement(n, same[k] / n, 100 * hits_ref / n, 100 * hits[k] / n, diff[k]) if labelled
+           else Agreement(n, same[k] / n, max_abs_diff=diff[k]) for k in cands}
+    return out if many else out[""]
 
 
 def export_int8(fp32_path: str | Path, out_path: str | Path, sets, ops: Iterable[str] = DEFAULT_INT8_OPS,
