@@ -36,6 +36,28 @@ VARIANTS = [
 ]
 
 
+def op_profile(path: Path, x, threads: int, iters: int = 30) -> dict[str, float]:
+    """Share of ONNX Runtime's kernel time per op type (after its graph rewrites) over ``iters`` runs."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.enable_profiling = True
+    so.profile_file_prefix = str(path.with_suffix(""))
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    for _ in range(iters):
+        sess.run(None, {name: x})
+    events = json.loads(Path(sess.end_profiling()).read_text())
+    per_op: dict[str, float] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            op = e["args"]["op_name"]
+            per_op[op] = per_op.get(op, 0.0) + e["dur"]
+    total = sum(per_op.values())
+    return {k: round(v / total, 4) for k, v in sorted(per_op.items(), key=lambda kv: -kv[1])}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True)
@@ -86,11 +108,13 @@ def main(argv: list[str] | None = None) -> int:
                 path = fp32 if name == "fp32" else paths[name]
                 ov = openvino_predictor(export_openvino(path, path.with_suffix(".xml")), args.threads, "f32", batch)
                 fns[f"openvino {name}"] = lambda ov=ov, x=x: ov(x)
-            t = B.alternate(fns, args.seconds * len(fns), args.rounds, torch.device("cpu"), warmup=0.5)
+            t = B.alternate(fns, args.seconds, args.rounds, torch.device("cpu"), warmup=0.5)
             base = t["ort fp32"]
             rows = {k: {"ms": round(v.median * 1e3, 3), "p90_ms": round(p90(v.times) * 1e3, 3),
                         "speedup_vs_ort_fp32": round(B.ratio(base, v), 3)} for k, v in t.items()}
             result["speed"][str(batch)] = rows
+            result.setdefault("op_time_share", {})[str(batch)] = {
+                k: op_profile(p, x, args.threads) for k, p in (("fp32", fp32), (VARIANTS[0][0], paths[VARIANTS[0][0]]))}
             print(f"batch {batch}: " + ", ".join(f"{k} {r['ms']} ms ({r['speedup_vs_ort_fp32']}x)"
                                                  for k, r in rows.items()), flush=True)
     (out / "results.json").write_text(json.dumps(result, indent=2))

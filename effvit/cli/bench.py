@@ -109,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
     }
     peaks = {}
     int8_peaks = {}
+    exports = tempfile.TemporaryDirectory()  # the deploy scenarios' files, shared by their batch sizes
     rows: list[dict] = []
     bar = tqdm(total=len(names) * len(scenarios), desc="bench", unit="run", file=sys.stderr,
                dynamic_ncols=True)
@@ -126,13 +127,16 @@ def run(args: argparse.Namespace) -> int:
             for name in names:
                 bar.set_postfix_str(f"{name} {scenario}")
                 if scenario in DEPLOY_SCENARIOS:
+                    workdir = Path(exports.name) / f"{name}_{args.img_size}"
+                    workdir.mkdir(exist_ok=True)
                     rows += _bench_deploy(name, scenario, threads, args,
-                                          {"fp32": peaks[threads], "int8": int8_peaks[threads]}, bar)
+                                          {"fp32": peaks[threads], "int8": int8_peaks[threads]}, bar, str(workdir))
                 else:
                     rows += _bench_one(name, scenario, threads, args, peaks.get(threads), bar)
                 bar.update(1)
     finally:
         bar.close()
+        exports.cleanup()
         torch.set_num_threads(all_threads)
     meta.update(_versions())
     meta["cpu_peak_gflops"] = {str(k): round(v / 1e9, 1) for k, v in peaks.items()}
@@ -235,8 +239,10 @@ def _bench_one(name: str, scenario: str, threads: int, args, peak: float | None,
     return out
 
 
-def _bench_deploy(name: str, scenario: str, threads: int, args, peaks: dict[str, float], bar) -> list[dict]:
-    """The ``deploy`` (batch 16) and ``latency`` (batch 1) scenarios: every CPU deployment form."""
+def _bench_deploy(name: str, scenario: str, threads: int, args, peaks: dict[str, float], bar,
+                  workdir: str) -> list[dict]:
+    """The ``deploy`` (batch 16) and ``latency`` (batch 1) scenarios: every CPU deployment form; the
+    exported files in ``workdir`` serve both."""
     import torch
 
     from effvit.fast import benchmark as B
@@ -247,7 +253,9 @@ def _bench_deploy(name: str, scenario: str, threads: int, args, peaks: dict[str,
     batch = 1 if scenario == "latency" else (args.batch or 16)
     torch.set_num_threads(threads)
     size = args.img_size
-    model = B.randomise_norms(create_model(name, img_size=size)).eval()
+    with torch.random.fork_rng():  # the same weights at every batch size: the exported files are shared
+        torch.manual_seed(0)
+        model = B.randomise_norms(create_model(name, img_size=size)).eval()
     params, macs = count_params(model), count_macs(model, size)
     x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
     peer = None
@@ -265,7 +273,7 @@ def _bench_deploy(name: str, scenario: str, threads: int, args, peaks: dict[str,
 
     probe = args.probe if args.probe is not None else max(args.seconds / 5, 0.05)
     rows = bench_deploy(model, x, threads, args.seconds, args.rounds, args.warmup, peer, args.compile, probe,
-                        on_round)
+                        on_round, workdir=workdir)
     for r in rows:
         peak = peaks["int8" if r["precision"] == "int8" else "fp32"]
         r.update(model=name, scenario=scenario, device="cpu", params_m=round(params / 1e6, 3),

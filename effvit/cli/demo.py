@@ -115,7 +115,9 @@ def run(args: argparse.Namespace) -> int:
     exported = f"{out / 'export'}" if rc == 0 else f"failed (exit {rc}); see above"
     print(exported)
     times["export"] = time.perf_counter() - t
+    t = time.perf_counter()
     speed = _int8_speed(out / "export") if rc == 0 else None
+    times["int8 speed"] = time.perf_counter() - t
 
     total = time.perf_counter() - t0
     print("\n== summary ==")

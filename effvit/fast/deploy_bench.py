@@ -103,12 +103,15 @@ def deploy_forms(model: nn.Module, x: torch.Tensor, workdir: str | Path, threads
             forms[impl, "torch bf16"] = _torch_best(torch_forms(m, x, torch.bfloat16), probe, ref,
                                                     50 * tol)
         fp32, int8 = workdir / f"{impl}.onnx", workdir / f"{impl}.int8.onnx"
-        export(fp32)
-        quantize_onnx(fp32, int8, calib, ops=int8_ops)
+        if not int8.exists():  # files of an earlier batch size are reused (the batch axis is dynamic)
+            export(fp32)
+            quantize_onnx(fp32, int8, calib, ops=int8_ops)
+            for path in (fp32, int8):
+                export_openvino(path, path.with_suffix(".xml"))
         for precision, path in (("fp32", fp32), ("int8", int8)):
             run = ort_predictor(path, threads)
             forms[impl, f"ort {precision}"] = (path.name, lambda run=run: run(xn))
-            xml = export_openvino(path, path.with_suffix(".xml"))
+            xml = path.with_suffix(".xml")
             ov = openvino_predictor(xml, threads, "f32", batch=batch)
             forms[impl, f"openvino {precision}"] = (xml.name, lambda ov=ov: ov(xn))
         if bf16:
@@ -119,17 +122,19 @@ def deploy_forms(model: nn.Module, x: torch.Tensor, workdir: str | Path, threads
 
 def bench_deploy(model: nn.Module, x: torch.Tensor, threads: int, seconds: float, rounds: int,
                  warmup: float = 1.0, peer: nn.Module | None = None, compile: bool = False,
-                 probe: float = 1.0, on_round: Callable[[], None] | None = None) -> list[dict]:
-    """Every deployment form of both sides timed in alternating rounds (``seconds`` per form in all);
+                 probe: float = 1.0, on_round: Callable[[], None] | None = None,
+                 workdir: str | Path | None = None) -> list[dict]:
+    """Every deployment form of both sides timed in alternating rounds (``seconds`` per form in all;
+    ``workdir`` keeps the exported files for another batch size of the same model);
     one dict per form: impl, form, detail, precision, ms_batch, p90_ms, img_s, max_abs_diff,
     ratio_vs_timm_fp32 (median over rounds of timm's fastest fp32 form's time / this form's time) and
     best (the fastest form of its side)."""
     with torch.inference_mode():
         ref = model(x).float()
     with tempfile.TemporaryDirectory() as tmp:
-        forms = deploy_forms(model, x, tmp, threads, peer, compile, probe)
+        forms = deploy_forms(model, x, workdir or tmp, threads, peer, compile, probe)
         fns = {k: fn for k, (_, fn) in forms.items()}
-        timings = B.alternate(fns, seconds * len(fns), rounds, torch.device("cpu"), warmup=warmup,
+        timings = B.alternate(fns, seconds, rounds, torch.device("cpu"), warmup=warmup,
                               on_round=on_round)
         diffs = {k: B.max_abs_diff(fn(), ref) for k, fn in fns.items()}
     batch = x.shape[0]
