@@ -205,6 +205,15 @@ def test_image_sets_fashion_mnist_split():
         image_sets(Info(), tf, calibration_images=0)
 
 
+def test_ort_peak_ops():
+    from effvit.fast.deploy_bench import ort_peak_ops
+
+    assert ort_peak_ops(1, "int8", n=256, seconds=0.05) > 1e8
+    assert ort_peak_ops(1, "fp32", n=256, seconds=0.05) > 1e8
+    with pytest.raises(ValueError, match="int8 or fp32"):
+        ort_peak_ops(1, "fp16")
+
+
 @pytest.mark.slow
 def test_bench_deploy_and_latency_scenarios(tmp_path, capsys):
     fast = ["--seconds", "0.02", "--warmup", "0", "--rounds", "2", "--probe", "0.01", "--img-size", "64",

@@ -109,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
     }
     peaks = {}
     int8_peaks = {}
+    ort_fp32_peaks = {}  # MLAS sgemm: a second view of the fp32 peak (PyTorch's is MKL/oneDNN)
     exports = tempfile.TemporaryDirectory()  # the deploy scenarios' files, shared by their batch sizes
     rows: list[dict] = []
     bar = tqdm(total=len(names) * len(scenarios), desc="bench", unit="run", file=sys.stderr,
@@ -122,8 +123,9 @@ def run(args: argparse.Namespace) -> int:
                 peaks[threads] = cpu_peak_flops(threads, seconds=args.peak_seconds)
             if scenario in DEPLOY_SCENARIOS and threads not in int8_peaks:
                 bar.set_postfix_str(f"CPU peak int8 op/s, {threads} thread(s)")
-                from effvit.fast.deploy_bench import int8_peak_ops
-                int8_peaks[threads] = int8_peak_ops(threads, seconds=args.peak_seconds)
+                from effvit.fast.deploy_bench import ort_peak_ops
+                int8_peaks[threads] = ort_peak_ops(threads, "int8", seconds=args.peak_seconds)
+                ort_fp32_peaks[threads] = ort_peak_ops(threads, "fp32", seconds=args.peak_seconds)
             for name in names:
                 bar.set_postfix_str(f"{name} {scenario}")
                 if scenario in DEPLOY_SCENARIOS:
@@ -141,6 +143,7 @@ def run(args: argparse.Namespace) -> int:
     meta.update(_versions())
     meta["cpu_peak_gflops"] = {str(k): round(v / 1e9, 1) for k, v in peaks.items()}
     meta["cpu_peak_int8_gops"] = {str(k): round(v / 1e9, 1) for k, v in int8_peaks.items()}
+    meta["cpu_peak_ort_fp32_gflops"] = {str(k): round(v / 1e9, 1) for k, v in ort_fp32_peaks.items()}
     from effvit.fast.cpuinfo import bf16_unit, int8_unit
     meta["bf16_unit"], meta["int8_unit"] = bf16_unit(), int8_unit()
     _report(rows, meta, args)
@@ -295,6 +298,8 @@ def _report(rows: list[dict], meta: dict, args: argparse.Namespace) -> None:
     if meta.get("cpu_peak_int8_gops"):
         print(f"CPU peak int8 ({meta['int8_unit']}; 1024^3 u8 x s8 MatMulInteger): " + ", ".join(
             f"{v} Gop/s at {k} thread(s)" for k, v in meta["cpu_peak_int8_gops"].items())
+            + "; ONNX Runtime fp32 MatMul: " + ", ".join(
+            f"{v} GFLOP/s at {k} thread(s)" for k, v in meta["cpu_peak_ort_fp32_gflops"].items())
             + f"; bf16 unit: {meta['bf16_unit'] or 'none (bf16 forms skipped)'}")
     print(head)
     print("-" * len(head))

@@ -25,7 +25,7 @@ from .cpuinfo import bf16_unit
 from .openvino_ir import export_openvino, openvino_predictor
 from .quantize import ort_predictor, quantize_onnx
 
-__all__ = ["p90", "int8_peak_ops", "deploy_forms", "bench_deploy", "onnx_speed"]
+__all__ = ["p90", "ort_peak_ops", "deploy_forms", "bench_deploy", "onnx_speed"]
 
 FP32_FORMS = ("torch fp32", "ort fp32", "openvino fp32")
 
@@ -34,28 +34,28 @@ def p90(times: list[float]) -> float:
     return float(np.percentile(times, 90))
 
 
-def int8_peak_ops(threads: int = 1, n: int = 1024, seconds: float = 2.0) -> float:
-    """Peak int8 ops/s attainable: the best of repeated n x n x n uint8 x int8 products in ONNX Runtime
-    (MatMulInteger, the kernels its quantized convolutions use), 2 n^3 ops each."""
-    import onnx
+def ort_peak_ops(threads: int = 1, precision: str = "int8", n: int = 1024, seconds: float = 2.0) -> float:
+    """Peak op/s attainable in ONNX Runtime: the best of repeated n x n x n products, uint8 x int8
+    (``MatMulInteger``, the kernels its quantized convolutions use) or fp32 (``MatMul``), 2 n^3 ops each."""
+    import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
+    if precision not in ("int8", "fp32"):
+        raise ValueError(f"precision is int8 or fp32, not {precision!r}")
     rng = np.random.default_rng(0)
-    w = numpy_helper.from_array(rng.integers(-128, 127, (n, n), dtype=np.int8), "w")
-    graph = helper.make_graph([helper.make_node("MatMulInteger", ["a", "w"], ["y"])], "peak",
-                              [helper.make_tensor_value_info("a", TensorProto.UINT8, [n, n])],
-                              [helper.make_tensor_value_info("y", TensorProto.INT32, [n, n])], [w])
+    int8 = precision == "int8"
+    a = rng.integers(0, 255, (n, n), dtype=np.uint8) if int8 else rng.standard_normal((n, n), dtype=np.float32)
+    w = rng.integers(-128, 127, (n, n), dtype=np.int8) if int8 else rng.standard_normal((n, n), dtype=np.float32)
+    op = "MatMulInteger" if int8 else "MatMul"
+    a_type, y_type = (TensorProto.UINT8, TensorProto.INT32) if int8 else (TensorProto.FLOAT, TensorProto.FLOAT)
+    graph = helper.make_graph([helper.make_node(op, ["a", "w"], ["y"])], "peak",
+                              [helper.make_tensor_value_info("a", a_type, [n, n])],
+                              [helper.make_tensor_value_info("y", y_type, [n, n])], [numpy_helper.from_array(w, "w")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "peak.onnx"
-        onnx.save(model, str(path))
-        import onnxruntime as ort
-
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = threads
-        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-        a = rng.integers(0, 255, (n, n), dtype=np.uint8)
-        times = B.time_forward(lambda: sess.run(None, {"a": a}), seconds, torch.device("cpu"), min_iters=3)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    times = B.time_forward(lambda: sess.run(None, {"a": a}), seconds, torch.device("cpu"), min_iters=3)
     return 2 * n ** 3 / min(times[1:])
 
 
