@@ -96,6 +96,11 @@ def test_quantize_errors(fp32_onnx, tmp_path):
         quantize_onnx(fp32, tmp_path / "x.onnx", [_images(2, 0)], method="median")
     with pytest.raises(ValueError, match="no op types"):
         quantize_onnx(fp32, tmp_path / "x.onnx", [_images(2, 0)], ops=[])
+    with pytest.raises(ValueError, match="no calibration images"):
+        quantize_onnx(fp32, tmp_path / "x.onnx", iter([]))
+    with pytest.raises(ValueError, match="do not combine"):
+        quantize_onnx(fp32, tmp_path / "x.onnx", [_images(2, 0)], ops=["all", "Conv"])
+    assert not (tmp_path / "x.onnx").exists()
     with pytest.raises(ValueError, match="no held-out images"):
         compare_predictions(ort_predictor(fp32), ort_predictor(fp32), [])
 

@@ -39,7 +39,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--calib-images", type=int, default=512, help="calibration images (default 512)")
     q.add_argument("--check-images", type=int, default=10000,
                    help="held-out images for the agreement check (default 10000; 0: all)")
-    q.add_argument("--calib-method", default="minmax", choices=["minmax", "percentile", "entropy"])
+    q.add_argument("--calib-method", default="minmax", choices=["minmax", "percentile", "entropy"],
+                   help="activation ranges: minmax (default), or percentile/entropy to clip outliers")
     q.add_argument("--int8-ops", default="Conv,Gemm",
                    help="ONNX op types to quantize; the rest stay fp32 (default Conv,Gemm: BENCHMARKS.md)")
     q.add_argument("--min-agreement", type=float, default=0.99,
@@ -133,13 +134,12 @@ def _export_openvino(args, model, size, onnx_path: Path, int8_path: Path, sets) 
     diff = None if args.no_verify else verify_openvino(xml, model, size, args.atol)
     note = "not verified" if diff is None else f"verified with OpenVINO f32: max abs diff {diff:.2e}"
     print(f"{'openvino':<12} {xml}  ({note}; dynamic batch, {size[0]}x{size[1]})")
-    checks = {}
-    if sets is not None:
-        checks[export_openvino(int8_path, int8_path.with_suffix(".xml"))] = "f32"
-        if bf16_unit():
-            checks[xml] = "bf16"
-    for path, precision in checks.items():
-        held = batches(sets.held_out, sets.held_out_idx, 64, sets.labelled)
-        agreement = compare_predictions(ort_predictor(onnx_path, 0), openvino_predictor(path, 0, precision), held)
-        kind = "int8" if path != xml else f"run in bf16 ({bf16_unit()})"
-        print(f"{'openvino':<12} {path}  ({kind}) {agreement.summary()}")
+    if sets is None:
+        return
+    xml8 = export_openvino(int8_path, int8_path.with_suffix(".xml"))
+    forms = {f"{xml8}  (int8)": openvino_predictor(xml8, 0)}
+    if bf16_unit():
+        forms[f"{xml}  (run in bf16, {bf16_unit()})"] = openvino_predictor(xml, 0, "bf16")
+    held = batches(sets.held_out, sets.held_out_idx, 64, sets.labelled)
+    for name, agreement in compare_predictions(ort_predictor(onnx_path, 0), forms, held).items():
+        print(f"{'openvino':<12} {name} {agreement.summary()}")

@@ -126,7 +126,7 @@ def bench_deploy(model: nn.Module, x: torch.Tensor, threads: int, seconds: float
                  workdir: str | Path | None = None) -> list[dict]:
     """Every deployment form of both sides timed in alternating rounds (``seconds`` per form in all;
     ``workdir`` keeps the exported files for another batch size of the same model);
-    one dict per form: impl, form, detail, precision, ms_batch, p90_ms, img_s, max_abs_diff,
+    one dict per form: impl, form, detail, precision, ms_batch, p90_ms, min_ms, img_s, max_abs_diff,
     ratio_vs_timm_fp32 (median over rounds of timm's fastest fp32 form's time / this form's time) and
     best (the fastest form of its side)."""
     with torch.inference_mode():
@@ -150,6 +150,7 @@ def bench_deploy(model: nn.Module, x: torch.Tensor, threads: int, seconds: float
             "impl": impl, "form": form, "detail": forms[impl, form][0], "precision": form.split()[-1],
             "batch": batch, "threads": threads, "img_s": round(t.img_s(batch), 1),
             "ms_batch": round(t.median * 1e3, 3), "p90_ms": round(p90(t.times) * 1e3, 3),
+            "min_ms": round(min(t.times) * 1e3, 3),  # the least-disturbed iteration, on a shared machine
             "max_abs_diff": float(f"{diffs[impl, form]:.3g}"),
             "ratio_vs_timm": (round(statistics.median(b / statistics.median(r) for b, r in zip(base, t.rounds)), 3)
                               if base else None),

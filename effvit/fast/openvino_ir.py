@@ -34,10 +34,9 @@ def export_openvino(onnx_path: str | Path, xml_path: str | Path) -> Path:
 
 def openvino_predictor(path: str | Path, threads: int = 1, precision: str = "f32",
                        batch: int | None = None):
-    """A compiled OpenVINO CPU model (IR or ONNX file) as images -> logits, ``threads`` threads (0: all
-    cores), one
-    stream, latency hint. ``batch`` fixes the batch axis (static shapes let OpenVINO fold the shape
-    arithmetic of the window partition); None keeps it dynamic."""
+    """A compiled OpenVINO CPU model (IR or ONNX file) as images -> logits: ``threads`` threads (0: all
+    cores), one stream, latency hint. ``batch`` fixes the batch axis (static shapes let OpenVINO fold the
+    shape arithmetic of the window partition); None keeps it dynamic."""
     import openvino as ov
 
     if precision not in PRECISIONS:

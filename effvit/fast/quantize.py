@@ -4,13 +4,14 @@ The input is the file ``export_onnx`` writes, whatever graph form it holds: ops 
 never by node name. onnxruntime.quantization inserts QuantizeLinear/DequantizeLinear pairs (QDQ) with
 per-channel int8 weights and uint8 activations whose ranges come from calibration images; ONNX
 Runtime and OpenVINO fold the pairs into integer kernels. Which op types are quantized is a choice
-made by measurement (BENCHMARKS.md, "int8: which ops"): by default the convolutions and the head's
+made by measurement (BENCHMARKS.md, "Which ops to quantize"): by default the convolutions and the head's
 GEMM, while the attention products (MatMul), softmax, residual adds and the squeeze-excite gate stay
 in fp32.
 """
 
 from __future__ import annotations
 
+import itertools
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -80,8 +81,12 @@ def quantize_onnx(fp32_path: str | Path, out_path: str | Path, calibration: Iter
         raise ValueError(f"unknown calibration method {method!r}; choose from {', '.join(methods)}")
     import onnx
 
+    batches = iter(calibration)
+    first = next(batches, None)
+    if first is None:
+        raise ValueError("no calibration images: pass a folder of images or a checkpoint trained on a dataset")
     input_name = onnx.load(str(fp32_path), load_external_data=False).graph.input[0].name
-    reader = _calibration_reader(calibration, input_name)
+    reader = _calibration_reader(itertools.chain([first], batches), input_name)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_path.parent) as tmp:
@@ -94,9 +99,6 @@ def quantize_onnx(fp32_path: str | Path, out_path: str | Path, calibration: Iter
                         op_types_to_quantize=None if ops == ["all"] else ops, calibrate_method=methods[method],
                         # uint8 activations x int8 weights is the pair the x86 VNNI kernels take
                         extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
-    if reader.seen == 0:
-        out_path.unlink(missing_ok=True)
-        raise ValueError("no calibration images: pass a folder of images or a checkpoint trained on a dataset")
     return reader.seen
 
 
