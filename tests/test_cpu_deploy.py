@@ -221,7 +221,7 @@ def test_ort_peak_ops():
 
 @pytest.mark.slow
 def test_bench_deploy_and_latency_scenarios(tmp_path, capsys):
-    fast = ["--seconds", "0.02", "--warmup", "0", "--rounds", "2", "--probe", "0.01", "--img-size", "64",
+    fast = ["--seconds", "0.02", "--warmup", "0", "--rounds", "2", "--probe", "0.01", "--img-size", "32",
             "--peak-seconds", "0.05", "--no-plot"]
     assert main(["bench", "--models", "m0", "--scenarios", "deploy,latency", "--vs", "timm", "--batch", "4",
                  "--out", str(tmp_path), *fast]) == 0

@@ -71,6 +71,8 @@ def run(args: argparse.Namespace) -> int:
         size = size or (224, 224)
         info = None
         model = create_model(names[0], num_classes=args.num_classes, img_size=size)
+    # the int8 images are found before anything is written: a missing folder fails fast
+    sets = _int8_images(args, model, info) if args.int8 else None
     out = Path(args.out)
     stem = f"{model.variant}_{size[0]}x{size[1]}"
     needs_onnx = (args.int8 or "openvino" in formats) and "onnx" not in formats
@@ -87,7 +89,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"{f:<12} {path}  ({note}; dynamic batch, {size[0]}x{size[1]})")
     onnx_path = out / f"{stem}.onnx"
     int8_path = out / f"{stem}.int8.onnx"
-    sets = _export_int8(args, model, info, onnx_path, int8_path) if args.int8 else None
+    if sets is not None:
+        _export_int8(args, model, sets, onnx_path, int8_path)
     if "openvino" in formats:
         _export_openvino(args, model, size, onnx_path, int8_path, sets)
     if needs_onnx:
@@ -95,17 +98,22 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _export_int8(args, model, info, onnx_path: Path, int8_path: Path):
+def _int8_images(args, model, info):
+    """Calibration and held-out images (``effvit.fast.calibration.ImageSets``) for ``--int8``."""
     from effvit.fast.calibration import image_sets
-    from effvit.fast.quantize import export_int8
     from effvit.train.config import AugConfig
     from effvit.train.data import build_transform
     from effvit.train.inference import eval_transform
 
     transform = (eval_transform(info) if info is not None
                  else build_transform(AugConfig(), model.img_size[0], model.in_chans, is_training=False))
-    sets = image_sets(info, transform, folder=args.calib, data_root=args.data,
+    return image_sets(info, transform, folder=args.calib, data_root=args.data,
                       calibration_images=args.calib_images, held_out_images=args.check_images)
+
+
+def _export_int8(args, model, sets, onnx_path: Path, int8_path: Path) -> None:
+    from effvit.fast.quantize import export_int8
+
     ops = args.int8_ops.split(",")
     n, agreement, skipped = export_int8(onnx_path, int8_path, sets, ops=ops, method=args.calib_method,
                                         min_agreement=args.min_agreement)
@@ -119,7 +127,6 @@ def _export_int8(args, model, info, onnx_path: Path, int8_path: Path):
     print(f"{'int8':<12} {int8_path}  (QDQ, per-channel int8 weights, {'+'.join(ops)} in int8; calibrated on "
           f"{n} images, {args.calib_method}; {sets.source})")
     print(f"{'':<12} {agreement.summary()}")
-    return sets
 
 
 def _export_openvino(args, model, size, onnx_path: Path, int8_path: Path, sets) -> None:
