@@ -179,7 +179,8 @@ def test_export_cli_int8_from_the_checkpoint_data_and_rejection(tmp_path, capsys
             "--calib-images", "16", "--check-images", "32"]
     assert main([*args, "--min-agreement", "0"]) == 0
     text = capsys.readouterr().out
-    assert "Fashion-MNIST: calibration on training images" in text and "32 held-out images" in text
+    assert "calibration on training images, check on the Fashion-MNIST test set" in text
+    assert "32 held-out images" in text
     assert (out / "efficientvit_m0_64x64.int8.onnx").is_file()
     assert main([*args, "--min-agreement", "1.01"]) == 2
     assert "int8 model rejected" in capsys.readouterr().err
