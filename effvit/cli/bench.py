@@ -2,7 +2,9 @@
 
 Scenarios: ``cpu1`` (``--threads`` threads, default 1, batch 16, fp32), ``cpu`` (all threads), ``ort``
 (ONNX Runtime CPU on our export, ``--threads`` threads, batch 16), ``gpu`` (batch 2048, fp16 autocast)
-and ``gpu-bf16``. Each implementation runs in its fastest form (chosen by a short probe), the two
+and ``gpu-bf16``; ``deploy`` (batch 16) and ``latency`` (batch 1): every CPU deployment form of both
+sides (PyTorch, ONNX Runtime, OpenVINO; fp32, int8, bf16 where the CPU has it), median and p90.
+Each implementation runs in its fastest form (chosen by a short probe), the two
 alternate in rounds, and medians are reported with params, MACs, the output difference to the
 unfused model and, on CPU, the fraction of the measured peak FLOP/s.
 """
@@ -20,16 +22,19 @@ import tempfile
 from pathlib import Path
 
 CPU_SCENARIOS = ("cpu1", "cpu", "ort")
+DEPLOY_SCENARIOS = ("deploy", "latency")  # not in the default set: they export and quantize every model
 GPU_SCENARIOS = ("gpu", "gpu-bf16")
+ALL_SCENARIOS = CPU_SCENARIOS + DEPLOY_SCENARIOS + GPU_SCENARIOS
 COLUMNS = ["model", "scenario", "impl", "form", "device", "precision", "batch", "threads", "img_s",
-           "ms_batch", "params_m", "macs_m", "peak_frac", "max_abs_diff", "ratio_vs_timm", "paper_top1"]
+           "ms_batch", "p90_ms", "min_ms", "params_m", "macs_m", "peak_frac", "max_abs_diff", "ratio_vs_timm", "best",
+           "paper_top1"]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="inference throughput (paper protocol), optionally vs timm")
     p.add_argument("--models", default="all", help="comma-separated variants (m0,m4) or 'all'")
     p.add_argument("--scenarios", default=None,
-                   help=f"comma-separated among {', '.join(CPU_SCENARIOS + GPU_SCENARIOS)} "
+                   help=f"comma-separated among {', '.join(ALL_SCENARIOS)} "
                         "(default: the CPU ones, plus the GPU ones when CUDA is used)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="auto: CPU scenarios, and GPU ones when CUDA is present")
@@ -68,9 +73,8 @@ def _scenarios(args: argparse.Namespace, cuda: bool) -> list[str]:
     if args.scenarios:
         out = [s.strip() for s in args.scenarios.split(",") if s.strip()]
         for s in out:
-            if s not in CPU_SCENARIOS + GPU_SCENARIOS:
-                raise ValueError(f"unknown scenario {s!r}; choose from "
-                                 f"{', '.join(CPU_SCENARIOS + GPU_SCENARIOS)}")
+            if s not in ALL_SCENARIOS:
+                raise ValueError(f"unknown scenario {s!r}; choose from {', '.join(ALL_SCENARIOS)}")
     else:
         out = [] if args.device == "cuda" else list(CPU_SCENARIOS)
         if args.device == "cuda" or (args.device == "auto" and cuda):
@@ -104,32 +108,52 @@ def run(args: argparse.Namespace) -> int:
         "argv": sys.argv[1:],
     }
     peaks = {}
+    int8_peaks = {}
+    ort_fp32_peaks = {}  # MLAS sgemm: a second view of the fp32 peak (PyTorch's is MKL/oneDNN)
+    exports = tempfile.TemporaryDirectory()  # the deploy scenarios' files, shared by their batch sizes
     rows: list[dict] = []
     bar = tqdm(total=len(names) * len(scenarios), desc="bench", unit="run", file=sys.stderr,
                dynamic_ncols=True)
     try:
         for scenario in scenarios:
             threads = all_threads if scenario == "cpu" else args.threads
-            if scenario in CPU_SCENARIOS and threads not in peaks:
+            if scenario not in GPU_SCENARIOS and threads not in peaks:
                 bar.set_postfix_str(f"CPU peak FLOP/s, {threads} thread(s)")
                 from effvit.fast.benchmark import cpu_peak_flops
                 peaks[threads] = cpu_peak_flops(threads, seconds=args.peak_seconds)
+            if scenario in DEPLOY_SCENARIOS and threads not in int8_peaks:
+                bar.set_postfix_str(f"CPU peak int8 op/s, {threads} thread(s)")
+                from effvit.fast.deploy_bench import ort_peak_ops
+                int8_peaks[threads] = ort_peak_ops(threads, "int8", seconds=args.peak_seconds)
+                ort_fp32_peaks[threads] = ort_peak_ops(threads, "fp32", seconds=args.peak_seconds)
             for name in names:
                 bar.set_postfix_str(f"{name} {scenario}")
-                rows += _bench_one(name, scenario, threads, args, peaks.get(threads), bar)
+                if scenario in DEPLOY_SCENARIOS:
+                    workdir = Path(exports.name) / f"{name}_{args.img_size}"
+                    workdir.mkdir(exist_ok=True)
+                    # fp32 peak: the faster of the two GEMM libraries (MKL's sgemm lags on some AMD CPUs)
+                    peak = {"fp32": max(peaks[threads], ort_fp32_peaks[threads]), "int8": int8_peaks[threads]}
+                    rows += _bench_deploy(name, scenario, threads, args, peak, bar, str(workdir))
+                else:
+                    rows += _bench_one(name, scenario, threads, args, peaks.get(threads), bar)
                 bar.update(1)
     finally:
         bar.close()
+        exports.cleanup()
         torch.set_num_threads(all_threads)
     meta.update(_versions())
     meta["cpu_peak_gflops"] = {str(k): round(v / 1e9, 1) for k, v in peaks.items()}
+    meta["cpu_peak_int8_gops"] = {str(k): round(v / 1e9, 1) for k, v in int8_peaks.items()}
+    meta["cpu_peak_ort_fp32_gflops"] = {str(k): round(v / 1e9, 1) for k, v in ort_fp32_peaks.items()}
+    from effvit.fast.cpuinfo import bf16_unit, int8_unit
+    meta["bf16_unit"], meta["int8_unit"] = bf16_unit(), int8_unit()
     _report(rows, meta, args)
     return 0
 
 
 def _versions() -> dict:
     out = {}
-    for mod in ("timm", "onnxruntime", "onnx"):
+    for mod in ("timm", "onnxruntime", "onnx", "openvino"):
         try:
             out[mod] = __import__(mod).__version__
         except ImportError:
@@ -219,24 +243,78 @@ def _bench_one(name: str, scenario: str, threads: int, args, peak: float | None,
     return out
 
 
+def _bench_deploy(name: str, scenario: str, threads: int, args, peaks: dict[str, float], bar,
+                  workdir: str) -> list[dict]:
+    """The ``deploy`` (batch 16) and ``latency`` (batch 1) scenarios: every CPU deployment form; the
+    exported files in ``workdir`` serve both."""
+    import torch
+
+    from effvit.fast import benchmark as B
+    from effvit.fast.deploy_bench import bench_deploy
+    from effvit.models import VARIANTS, create_model
+    from effvit.models.complexity import count_macs, count_params
+
+    batch = 1 if scenario == "latency" else (args.batch or 16)
+    torch.set_num_threads(threads)
+    size = args.img_size
+    with torch.random.fork_rng():  # the same weights at every batch size: the exported files are shared
+        torch.manual_seed(0)
+        model = B.randomise_norms(create_model(name, img_size=size)).eval()
+    params, macs = count_params(model), count_macs(model, size)
+    x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+    peer = None
+    if args.vs == "timm":
+        import timm
+
+        peer = timm.create_model(name, num_classes=model.num_classes, img_size=size)
+        peer.load_state_dict(model.state_dict())
+        peer.eval()
+    rounds_done = [0]
+
+    def on_round():
+        rounds_done[0] += 1
+        bar.set_postfix_str(f"{name} {scenario} round {rounds_done[0]}/{args.rounds}")
+
+    probe = args.probe if args.probe is not None else max(args.seconds / 5, 0.05)
+    rows = bench_deploy(model, x, threads, args.seconds, args.rounds, args.warmup, peer, args.compile, probe,
+                        on_round, workdir=workdir)
+    for r in rows:
+        peak = peaks["int8" if r["precision"] == "int8" else "fp32"]
+        r.update(model=name, scenario=scenario, device="cpu", params_m=round(params / 1e6, 3),
+                 macs_m=round(macs / 1e6, 1), peak_frac=round(macs * 2 * r["img_s"] / peak, 3),
+                 paper_top1=VARIANTS[name].top1)
+    return rows
+
+
 def _report(rows: list[dict], meta: dict, args: argparse.Namespace) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     head = (f"{'model':<16}{'scenario':<10}{'impl':<8}{'form':<18}{'batch':>6}{'thr':>4}{'img/s':>10}"
-            f"{'ms/batch':>10}{'params':>8}{'MACs':>8}{'peak':>7}{'maxdiff':>10}{'vs timm':>9}")
+            f"{'ms/batch':>10}{'p90 ms':>9}{'params':>8}{'MACs':>8}{'peak':>7}{'maxdiff':>10}{'vs timm':>9}")
     print(f"{meta['cpu']} ({meta['cpu_count']} CPUs), torch {meta['torch']}, timm {meta.get('timm')}, "
           f"onnxruntime {meta.get('onnxruntime')}; GPU: {meta['gpu'] or 'none'}")
     if meta["cpu_peak_gflops"]:
         print("CPU peak (2048^3 fp32 matmul): " + ", ".join(
             f"{v} GFLOP/s at {k} thread(s)" for k, v in meta["cpu_peak_gflops"].items()))
+    if meta.get("cpu_peak_int8_gops"):
+        print(f"CPU peak int8 ({meta['int8_unit']}; 1024^3 u8 x s8 MatMulInteger): " + ", ".join(
+            f"{v} Gop/s at {k} thread(s)" for k, v in meta["cpu_peak_int8_gops"].items())
+            + "; ONNX Runtime fp32 MatMul: " + ", ".join(
+            f"{v} GFLOP/s at {k} thread(s)" for k, v in meta["cpu_peak_ort_fp32_gflops"].items())
+            + f"; bf16 unit: {meta['bf16_unit'] or 'none (bf16 forms skipped)'}")
     print(head)
     print("-" * len(head))
     for r in rows:
         peak = f"{100 * r['peak_frac']:.0f}%" if r["peak_frac"] is not None else "-"
         ratio = f"{r['ratio_vs_timm']:.2f}x" if r["ratio_vs_timm"] is not None else ""
-        print(f"{r['model']:<16}{r['scenario']:<10}{r['impl']:<8}{r['form']:<18}{r['batch']:>6}"
-              f"{r['threads'] or '-':>4}{r['img_s']:>10.1f}{r['ms_batch']:>10.2f}{r['params_m']:>7.2f}M"
+        p90 = f"{r['p90_ms']:.2f}" if r.get("p90_ms") is not None else "-"
+        form = r["form"] + (" *" if r.get("best") else "")
+        print(f"{r['model']:<16}{r['scenario']:<10}{r['impl']:<8}{form:<18}{r['batch']:>6}"
+              f"{r['threads'] or '-':>4}{r['img_s']:>10.1f}{r['ms_batch']:>10.2f}{p90:>9}{r['params_m']:>7.2f}M"
               f"{r['macs_m']:>7.0f}M{peak:>7}{r['max_abs_diff']:>10.1e}{ratio:>9}")
+    if any(r.get("best") is not None for r in rows):
+        print("deploy/latency: * = the fastest form of its side; 'vs timm' = timm's fastest fp32 form's time / "
+              "this form's (median of per-round ratios); peak = fp32 peak, int8 peak for int8 forms")
     with open(out / "bench.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
         w.writeheader()
@@ -259,8 +337,8 @@ def _plot(rows: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, len(scenarios), figsize=(5 * len(scenarios), 4), squeeze=False)
     for ax, sc in zip(axes[0], scenarios, strict=True):
         for impl, style in (("effvit", "o-"), ("timm", "s--")):
-            pts = sorted((r["paper_top1"], r["img_s"], r["model"]) for r in rows
-                         if r["scenario"] == sc and r["impl"] == impl)
+            pts = sorted((r["paper_top1"], r["img_s"], r["model"]) for r in rows  # deploy: each side's best
+                         if r["scenario"] == sc and r["impl"] == impl and r.get("best") is not False)
             if not pts:
                 continue
             ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=impl)

@@ -1,0 +1,175 @@
+"""CPU deployment forms of effvit and timm side by side: PyTorch, ONNX Runtime and OpenVINO, each in
+fp32, int8 (static QDQ quantization of the ONNX export) and, on CPUs with the units, bf16.
+
+Both implementations go through the same toolchain from the same weights: timm's model is exported to
+ONNX the usual way and quantized with the same settings as ours. All forms of both sides then run in
+alternating rounds in one process, so load from other jobs hits them alike. Reported per form: median
+and 90th-percentile time per batch, images/s, the output difference to the fp32 PyTorch model, the
+fraction of the core's measured fp32 or int8 peak, and the speed ratio against timm's fastest fp32
+form. This module sets no process-wide options (thread counts are the caller's).
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import benchmark as B
+from .cpuinfo import bf16_unit
+from .openvino_ir import export_openvino, openvino_predictor
+from .quantize import ort_predictor, quantize_onnx
+
+__all__ = ["p90", "ort_peak_ops", "deploy_forms", "bench_deploy", "onnx_speed"]
+
+FP32_FORMS = ("torch fp32", "ort fp32", "openvino fp32")
+
+
+def p90(times: list[float]) -> float:
+    return float(np.percentile(times, 90))
+
+
+def ort_peak_ops(threads: int = 1, precision: str = "int8", n: int = 1024, seconds: float = 2.0) -> float:
+    """Peak op/s attainable in ONNX Runtime: the best of repeated n x n x n products, uint8 x int8
+    (``MatMulInteger``, the kernels its quantized convolutions use) or fp32 (``MatMul``), 2 n^3 ops each."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    if precision not in ("int8", "fp32"):
+        raise ValueError(f"precision is int8 or fp32, not {precision!r}")
+    rng = np.random.default_rng(0)
+    int8 = precision == "int8"
+    a = rng.integers(0, 255, (n, n), dtype=np.uint8) if int8 else rng.standard_normal((n, n), dtype=np.float32)
+    w = rng.integers(-128, 127, (n, n), dtype=np.int8) if int8 else rng.standard_normal((n, n), dtype=np.float32)
+    op = "MatMulInteger" if int8 else "MatMul"
+    a_type, y_type = (TensorProto.UINT8, TensorProto.INT32) if int8 else (TensorProto.FLOAT, TensorProto.FLOAT)
+    graph = helper.make_graph([helper.make_node(op, ["a", "w"], ["y"])], "peak",
+                              [helper.make_tensor_value_info("a", a_type, [n, n])],
+                              [helper.make_tensor_value_info("y", y_type, [n, n])], [numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    times = B.time_forward(lambda: sess.run(None, {"a": a}), seconds, torch.device("cpu"), min_iters=3)
+    return 2 * n ** 3 / min(times[1:])
+
+
+def _random_calibration(x: torch.Tensor, batches: int = 4) -> list[np.ndarray]:
+    """Calibration for speed only: random images with the input's shape (ranges do not change the
+    kernels that run; accuracy is measured on real data by ``effvit export --int8``)."""
+    g = torch.Generator().manual_seed(1)
+    return [torch.randn(8, *x.shape[1:], generator=g).numpy() for _ in range(batches)]
+
+
+def _torch_best(forms: dict[str, Callable[[], B.Forward]], probe: float, ref: torch.Tensor, tol: float,
+                ) -> tuple[str, B.Forward]:
+    name, fn, _ = B.pick_fastest(forms, probe, torch.device("cpu"), reference=ref, tol=tol)
+    return name, fn
+
+
+def deploy_forms(model: nn.Module, x: torch.Tensor, workdir: str | Path, threads: int = 1,
+                 peer: nn.Module | None = None, compile: bool = False, probe: float = 1.0,
+                 int8_ops: tuple[str, ...] = ("Conv", "Gemm"),
+                 ) -> dict[tuple[str, str], tuple[str, B.Forward]]:
+    """{(impl, form): (detail, forward)} for effvit's ``model`` and, when given, timm's ``peer`` (same
+    weights). Forms: torch fp32 (each side's fastest PyTorch form), torch bf16, ort fp32, ort int8,
+    openvino fp32, openvino int8, openvino bf16; the bf16 ones only on a CPU with bf16 units."""
+    from timm.utils import reparameterize_model
+
+    from .export import export_onnx
+
+    workdir = Path(workdir)
+    bf16 = bf16_unit() is not None
+    with torch.inference_mode():
+        ref = model(x).float()
+    tol = 1e-3 * max(1.0, ref.abs().max().item())
+    batch = x.shape[0]
+    xn = x.numpy()
+    calib = _random_calibration(x)
+    sides: dict[str, tuple[nn.Module, Callable, Callable]] = {
+        "effvit": (model, B.effvit_forms, lambda p: export_onnx(model, p, tuple(x.shape[2:]), verify=False))}
+    if peer is not None:
+        sides["timm"] = (peer, B.timm_forms,
+                         lambda p: B.export_plain_onnx(reparameterize_model(peer), x[:2], str(p)))
+    forms: dict[tuple[str, str], tuple[str, B.Forward]] = {}
+    for impl, (m, torch_forms, export) in sides.items():
+        forms[impl, "torch fp32"] = _torch_best(torch_forms(m, x, None, compile), probe, ref, tol)
+        if bf16:
+            forms[impl, "torch bf16"] = _torch_best(torch_forms(m, x, torch.bfloat16), probe, ref,
+                                                    50 * tol)
+        fp32, int8 = workdir / f"{impl}.onnx", workdir / f"{impl}.int8.onnx"
+        if not int8.exists():  # files of an earlier batch size are reused (the batch axis is dynamic)
+            export(fp32)
+            quantize_onnx(fp32, int8, calib, ops=int8_ops)
+            for path in (fp32, int8):
+                export_openvino(path, path.with_suffix(".xml"))
+        for precision, path in (("fp32", fp32), ("int8", int8)):
+            run = ort_predictor(path, threads)
+            forms[impl, f"ort {precision}"] = (path.name, lambda run=run: run(xn))
+            xml = path.with_suffix(".xml")
+            ov = openvino_predictor(xml, threads, "f32", batch=batch)
+            forms[impl, f"openvino {precision}"] = (xml.name, lambda ov=ov: ov(xn))
+        if bf16:
+            ov = openvino_predictor(fp32.with_suffix(".xml"), threads, "bf16", batch=batch)
+            forms[impl, "openvino bf16"] = (f"{fp32.stem}.xml, bf16 hint", lambda ov=ov: ov(xn))
+    return forms
+
+
+def bench_deploy(model: nn.Module, x: torch.Tensor, threads: int, seconds: float, rounds: int,
+                 warmup: float = 1.0, peer: nn.Module | None = None, compile: bool = False,
+                 probe: float = 1.0, on_round: Callable[[], None] | None = None,
+                 workdir: str | Path | None = None) -> list[dict]:
+    """Every deployment form of both sides timed in alternating rounds (``seconds`` per form in all;
+    ``workdir`` keeps the exported files for another batch size of the same model);
+    one dict per form: impl, form, detail, precision, ms_batch, p90_ms, min_ms, img_s, max_abs_diff,
+    ratio_vs_timm_fp32 (median over rounds of timm's fastest fp32 form's time / this form's time) and
+    best (the fastest form of its side)."""
+    with torch.inference_mode():
+        ref = model(x).float()
+    with tempfile.TemporaryDirectory() as tmp:
+        forms = deploy_forms(model, x, workdir or tmp, threads, peer, compile, probe)
+        fns = {k: fn for k, (_, fn) in forms.items()}
+        timings = B.alternate(fns, seconds, rounds, torch.device("cpu"), warmup=warmup,
+                              on_round=on_round)
+        diffs = {k: B.max_abs_diff(fn(), ref) for k, fn in fns.items()}
+    batch = x.shape[0]
+    timm_fp32 = [k for k in timings if k[0] == "timm" and k[1] in FP32_FORMS]
+    # per round, the fastest of timm's fp32 forms: the peer's best fp32 deployment of that moment
+    base = [min(statistics.median(timings[k].rounds[r]) for k in timm_fp32) for r in range(rounds)] \
+        if timm_fp32 else None
+    best = {impl: min((k for k in timings if k[0] == impl), key=lambda k: timings[k].median)
+            for impl in dict.fromkeys(k[0] for k in timings)}
+    rows = []
+    for (impl, form), t in timings.items():
+        rows.append({
+            "impl": impl, "form": form, "detail": forms[impl, form][0], "precision": form.split()[-1],
+            "batch": batch, "threads": threads, "img_s": round(t.img_s(batch), 1),
+            "ms_batch": round(t.median * 1e3, 3), "p90_ms": round(p90(t.times) * 1e3, 3),
+            "min_ms": round(min(t.times) * 1e3, 3),  # the least-disturbed iteration, on a shared machine
+            "max_abs_diff": float(f"{diffs[impl, form]:.3g}"),
+            "ratio_vs_timm": (round(statistics.median(b / statistics.median(r) for b, r in zip(base, t.rounds)), 3)
+                              if base else None),
+            "best": best[impl] == (impl, form),
+        })
+    return rows
+
+
+def onnx_speed(paths: dict[str, str | Path], input_shape: tuple[int, int, int], threads: int = 1,
+               batch_sizes: tuple[int, ...] = (1, 16), seconds: float = 2.0, rounds: int = 4,
+               ) -> dict[int, dict[str, B.Timing]]:
+    """ONNX files (e.g. fp32 and int8) timed in ONNX Runtime alternately at each batch size:
+    {batch: {name: Timing}}; ``seconds`` per file and batch size."""
+    out = {}
+    for batch in batch_sizes:
+        x = torch.randn(batch, *input_shape, generator=torch.Generator().manual_seed(0)).numpy()
+        fns = {}
+        for name, path in paths.items():
+            run = ort_predictor(path, threads)
+            fns[name] = lambda run=run, x=x: run(x)
+        out[batch] = B.alternate(fns, seconds, rounds, torch.device("cpu"), warmup=0.2)
+    return out

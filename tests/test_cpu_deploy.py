@@ -1,0 +1,244 @@
+"""CPU deployment: int8 quantization of the ONNX export, OpenVINO IR, bf16 detection, the deploy bench.
+
+Small models at 64 px keep these fast; speed is never asserted (it lives in benchmarks/)."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from PIL import Image
+
+from effvit import create_model, save_checkpoint
+from effvit.cli import main
+from effvit.fast import cpuinfo
+from effvit.fast.benchmark import randomise_norms
+from effvit.fast.calibration import batches, image_sets
+from effvit.fast.export import export_onnx
+from effvit.fast.openvino_ir import export_openvino, openvino_predictor, verify_openvino
+from effvit.fast.quantize import compare_predictions, ort_predictor, quantize_onnx
+
+SIZE = 64
+FASHION = {"dataset": "fashion_mnist", "mean": [0.286], "std": [0.353], "crop_pct": 1.0,
+           "interpolation": "bicubic"}
+
+
+def _grey_model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return randomise_norms(create_model("efficientvit_m0", num_classes=10, in_chans=1, img_size=SIZE),
+                           seed).eval()
+
+
+@pytest.fixture(scope="module")
+def fp32_onnx(tmp_path_factory):
+    model = _grey_model()
+    path = tmp_path_factory.mktemp("int8") / "m0.onnx"
+    export_onnx(model, path, SIZE)
+    return model, path
+
+
+def _images(n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, 1, SIZE, SIZE)).astype(np.float32)
+
+
+def _dequantized_inputs(path) -> dict[str, int]:
+    """How many nodes of each op type read a dequantized (int8) tensor in the QDQ file."""
+    graph = onnx.load(str(path)).graph
+    deq = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    counts: dict[str, int] = {}
+    for n in graph.node:
+        if n.op_type not in ("QuantizeLinear", "DequantizeLinear") and any(i in deq for i in n.input):
+            counts[n.op_type] = counts.get(n.op_type, 0) + 1
+    return counts
+
+
+def test_quantize_conv_gemm_only_and_agreement(fp32_onnx, tmp_path):
+    model, fp32 = fp32_onnx
+    int8 = tmp_path / "m0.int8.onnx"
+    n = quantize_onnx(fp32, int8, [_images(8, 1), _images(8, 2)])
+    assert n == 16
+    consumers = _dequantized_inputs(int8)
+    convs = sum(1 for node in onnx.load(str(fp32)).graph.node if node.op_type == "Conv")
+    # every conv and the head's GEMM compute in int8; the attention products and softmax stay fp32
+    assert consumers.get("Conv") == convs and consumers.get("Gemm", 0) >= 1
+    assert "MatMul" not in consumers and "Softmax" not in consumers
+    x = _images(64, 3)
+    ref = ort_predictor(fp32)(x)
+    with torch.no_grad():
+        assert np.abs(ref - model(torch.from_numpy(x)).numpy()).max() <= 1e-4
+    labels = ref.argmax(1)  # fp32's answers as labels: accuracy 100% for fp32, the agreement for int8
+    a = compare_predictions(ort_predictor(fp32), ort_predictor(int8), [(x[:32], labels[:32]), (x[32:], labels[32:])])
+    assert a.images == 64 and a.agreement >= 0.9
+    assert a.top1_ref == 100.0 and a.top1 == pytest.approx(100 * a.agreement)
+    assert a.delta == pytest.approx(a.top1 - 100.0) and 0 < a.max_abs_diff < 0.5 * np.abs(ref).max()
+    assert "agreement" in a.summary() and "points" in a.summary()
+    both = compare_predictions(ort_predictor(fp32), {"fp32": ort_predictor(fp32), "int8": ort_predictor(int8)},
+                               [(x, None)])
+    assert both["fp32"].agreement == 1.0 and both["fp32"].top1 is None
+    assert both["int8"].agreement == a.agreement
+
+
+def test_quantize_more_ops_quantizes_the_attention_products(fp32_onnx, tmp_path):
+    _, fp32 = fp32_onnx
+    path = tmp_path / "mm.onnx"
+    quantize_onnx(fp32, path, [_images(4, 1)], ops=["Conv", "Gemm", "MatMul"], method="percentile")
+    assert _dequantized_inputs(path).get("MatMul", 0) > 0
+
+
+def test_quantize_errors(fp32_onnx, tmp_path):
+    _, fp32 = fp32_onnx
+    with pytest.raises(ValueError, match="no LSTM nodes"):
+        quantize_onnx(fp32, tmp_path / "x.onnx", [_images(2, 0)], ops=["Conv", "LSTM"])
+    with pytest.raises(ValueError, match="unknown calibration method"):
+        quantize_onnx(fp32, tmp_path / "x.onnx", [_images(2, 0)], method="median")
+    with pytest.raises(ValueError, match="no op types"):
+        quantize_onnx(fp32, tmp_path / "x.onnx", [_images(2, 0)], ops=[])
+    with pytest.raises(ValueError, match="no calibration images"):
+        quantize_onnx(fp32, tmp_path / "x.onnx", iter([]))
+    with pytest.raises(ValueError, match="do not combine"):
+        quantize_onnx(fp32, tmp_path / "x.onnx", [_images(2, 0)], ops=["all", "Conv"])
+    assert not (tmp_path / "x.onnx").exists()
+    with pytest.raises(ValueError, match="no held-out images"):
+        compare_predictions(ort_predictor(fp32), ort_predictor(fp32), [])
+
+
+def test_openvino_ir_parity(fp32_onnx, tmp_path):
+    model, fp32 = fp32_onnx
+    xml = export_openvino(fp32, tmp_path / "m0.xml")
+    assert xml.is_file() and xml.with_suffix(".bin").is_file()
+    assert verify_openvino(xml, model, SIZE) <= 1e-4
+    x = _images(3, 5)
+    fixed = openvino_predictor(xml, threads=1, batch=3)(x)  # static batch, as the bench runs it
+    with torch.no_grad():
+        assert np.abs(fixed - model(torch.from_numpy(x)).numpy()).max() <= 1e-4
+    with pytest.raises(ValueError, match=r"\.xml"):
+        export_openvino(fp32, tmp_path / "m0.ir")
+    with pytest.raises(ValueError, match="unknown OpenVINO precision"):
+        openvino_predictor(xml, precision="f16")
+
+
+def test_cpu_flag_detection(monkeypatch):
+    text = "processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_vnni avx512_bf16 amx_bf16 amx_int8\n"
+    flags = cpuinfo.cpu_flags(text)
+    assert {"avx2", "amx_bf16"} <= flags
+    assert cpuinfo.bf16_unit(flags) == "amx_bf16" and cpuinfo.int8_unit(flags) == "amx_int8"
+    assert cpuinfo.bf16_unit({"avx512f", "avx512_bf16"}) == "avx512_bf16"
+    assert cpuinfo.bf16_unit({"avx2", "fma"}) is None and cpuinfo.int8_unit({"avx2"}) == "avx2"
+    assert cpuinfo.cpu_flags("no flags here") == set()
+    # without the units, bf16 is refused with the reason instead of being emulated
+    monkeypatch.setattr("effvit.fast.openvino_ir.bf16_unit", lambda: None)
+    with pytest.raises(ValueError, match="AMX or AVX512-BF16"):
+        openvino_predictor("unused.xml", precision="bf16")
+
+
+@pytest.mark.skipif(cpuinfo.bf16_unit() is None, reason="this CPU has no AMX/AVX512-BF16 units: bf16 is not run")
+def test_openvino_bf16_close_to_fp32(fp32_onnx, tmp_path):
+    _, fp32 = fp32_onnx
+    xml = export_openvino(fp32, tmp_path / "m0.xml")
+    x = _images(32, 6)
+    a = compare_predictions(ort_predictor(fp32), openvino_predictor(xml, 1, "bf16"), [(x, None)])
+    assert a.agreement >= 0.9 and a.max_abs_diff > 0  # really ran in reduced precision
+
+
+def _folder(path, n: int, corrupt: bool = True):
+    path.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (28, 28), dtype=np.uint8)).save(path / f"{i:03d}.png")
+    if corrupt:
+        (path / "broken.png").write_bytes(b"\x89PNG not really")
+    return path
+
+
+def test_export_cli_int8_and_openvino_from_a_folder(tmp_path, capsys):
+    ckpt = save_checkpoint(_grey_model(), tmp_path / "grey.pth", meta=FASHION)
+    calib = _folder(tmp_path / "calib", 12)
+    out = tmp_path / "out"
+    rc = main(["export", "--checkpoint", str(ckpt), "--out", str(out), "--format", "openvino", "--int8",
+               "--calib", str(calib), "--check-images", "64", "--min-agreement", "0.8"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    stem = "efficientvit_m0_64x64"
+    for name in (f"{stem}.xml", f"{stem}.bin", f"{stem}.int8.onnx", f"{stem}.int8.xml"):
+        assert (out / name).is_file(), name
+    assert not (out / f"{stem}.onnx").exists()  # only the conversion's input: not asked for
+    assert "skipped 1 unreadable" in text and "calibrated on 12 images" in text
+    assert "verified with OpenVINO f32" in text
+    # the checkpoint's dataset is labelled: the check runs on its test images and prints the accuracy change
+    assert "64 held-out images" in text and "points" in text
+    assert text.count("top-1 agreement") >= 2  # ONNX Runtime int8 and OpenVINO int8
+
+
+def test_export_cli_int8_from_the_checkpoint_data_and_rejection(tmp_path, capsys):
+    ckpt = save_checkpoint(_grey_model(), tmp_path / "grey.pth", meta=FASHION)
+    out = tmp_path / "out"
+    args = ["export", "--checkpoint", str(ckpt), "--out", str(out), "--format", "onnx", "--int8",
+            "--calib-images", "16", "--check-images", "32"]
+    assert main([*args, "--min-agreement", "0"]) == 0
+    text = capsys.readouterr().out
+    assert "calibration on training images, check on the Fashion-MNIST test set" in text
+    assert "32 held-out images" in text
+    assert (out / "efficientvit_m0_64x64.int8.onnx").is_file()
+    assert main([*args, "--min-agreement", "1.01"]) == 2
+    assert "int8 model rejected" in capsys.readouterr().err
+    assert not (out / "efficientvit_m0_64x64.int8.onnx").exists()  # a rejected file is not left behind
+    assert (out / "efficientvit_m0_64x64.onnx").is_file()  # the fp32 export stays
+
+
+def test_int8_needs_images(tmp_path, capsys):
+    ckpt = save_checkpoint(_grey_model(), tmp_path / "plain.pth")  # no dataset in its metadata
+    assert main(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path), "--int8"]) == 2
+    assert "--calib DIR" in capsys.readouterr().err
+    one = _folder(tmp_path / "one", 1, corrupt=False)
+    assert main(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path), "--int8", "--calib", str(one)]) == 2
+    assert "at least two" in capsys.readouterr().err
+
+
+def test_image_sets_fashion_mnist_split():
+    class Info:
+        dataset, mode, class_names = "fashion_mnist", "L", None
+
+    tf = lambda img: torch.from_numpy(np.asarray(img, dtype=np.float32)[None] / 255)
+    sets = image_sets(Info(), tf, calibration_images=8, held_out_images=20)
+    assert sets.labelled and len(sets.calibration_idx) == 8 and len(sets.held_out_idx) == 20
+    assert len(sets.held_out) == 10000  # the test split; calibration comes from the training split
+    x, y = next(batches(sets.held_out, sets.held_out_idx, 20))
+    assert x.shape == (20, 1, 28, 28) and x.dtype == np.float32 and y.shape == (20,)
+    with pytest.raises(ValueError, match="at least one image"):
+        image_sets(Info(), tf, calibration_images=0)
+
+
+def test_ort_peak_ops():
+    from effvit.fast.deploy_bench import ort_peak_ops
+
+    assert ort_peak_ops(1, "int8", n=256, seconds=0.05) > 1e8
+    assert ort_peak_ops(1, "fp32", n=256, seconds=0.05) > 1e8
+    with pytest.raises(ValueError, match="int8 or fp32"):
+        ort_peak_ops(1, "fp16")
+
+
+@pytest.mark.slow
+def test_bench_deploy_and_latency_scenarios(tmp_path, capsys):
+    fast = ["--seconds", "0.02", "--warmup", "0", "--rounds", "2", "--probe", "0.01", "--img-size", "32",
+            "--peak-seconds", "0.05", "--no-plot"]
+    assert main(["bench", "--models", "m0", "--scenarios", "deploy,latency", "--vs", "timm", "--batch", "4",
+                 "--out", str(tmp_path), *fast]) == 0
+    text = capsys.readouterr().out
+    assert "CPU peak int8" in text and "p90 ms" in text
+    rows = list(csv.DictReader(open(tmp_path / "bench.csv")))
+    forms = {"torch fp32", "ort fp32", "ort int8", "openvino fp32", "openvino int8"}
+    if cpuinfo.bf16_unit():
+        forms |= {"torch bf16", "openvino bf16"}
+    for scenario, batch in (("deploy", "4"), ("latency", "1")):
+        for impl in ("effvit", "timm"):
+            mine = [r for r in rows if r["scenario"] == scenario and r["impl"] == impl]
+            assert {r["form"] for r in mine} == forms
+            assert sum(r["best"] == "True" for r in mine) == 1
+            for r in mine:
+                assert r["batch"] == batch and float(r["ms_batch"]) > 0
+                assert float(r["p90_ms"]) >= float(r["ms_batch"]) and float(r["ratio_vs_timm"]) > 0
+                tol = 1e-4 if r["precision"] == "fp32" else 0.5  # int8/bf16: reduced precision, same model
+                assert float(r["max_abs_diff"]) <= tol, r
