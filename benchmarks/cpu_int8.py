@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> int:
                 fns[f"ort {name}"] = lambda run=run, x=x: run(x)
             for name in ("fp32", VARIANTS[0][0]):
                 path = fp32 if name == "fp32" else paths[name]
-                ov = openvino_predictor(export_openvino(path, path.with_suffix(".xml")), args.threads, "f32", batch)
+                export_openvino(path, path.with_suffix(".xml"))
+                ov = openvino_predictor(path.with_suffix(".xml"), args.threads, "f32", batch)
                 fns[f"openvino {name}"] = lambda ov=ov, x=x: ov(x)
             t = B.alternate(fns, args.seconds, args.rounds, torch.device("cpu"), warmup=0.5)
             base = t["ort fp32"]

@@ -107,8 +107,9 @@ def test_quantize_errors(fp32_onnx, tmp_path):
 
 def test_openvino_ir_parity(fp32_onnx, tmp_path):
     model, fp32 = fp32_onnx
-    xml = export_openvino(fp32, tmp_path / "m0.xml")
-    assert xml.is_file() and xml.with_suffix(".bin").is_file()
+    xml = tmp_path / "m0.xml"
+    assert export_openvino(fp32, xml, model, SIZE) <= 1e-4  # checked before it takes its name
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m0.bin", "m0.xml"]
     assert verify_openvino(xml, model, SIZE) <= 1e-4
     x = _images(3, 5)
     fixed = openvino_predictor(xml, threads=1, batch=3)(x)  # static batch, as the bench runs it
@@ -116,6 +117,10 @@ def test_openvino_ir_parity(fp32_onnx, tmp_path):
         assert np.abs(fixed - model(torch.from_numpy(x)).numpy()).max() <= 1e-4
     with pytest.raises(ValueError, match=r"\.xml"):
         export_openvino(fp32, tmp_path / "m0.ir")
+    ir = {f.name: f.read_bytes() for f in tmp_path.iterdir()}
+    with pytest.raises(ValueError, match="it was not written"):  # atol 0: float rounding fails the check
+        export_openvino(fp32, xml, model, SIZE, atol=0)
+    assert {f.name: f.read_bytes() for f in tmp_path.iterdir()} == ir  # the earlier IR kept, nothing else left
     with pytest.raises(ValueError, match="unknown OpenVINO precision"):
         openvino_predictor(xml, precision="f16")
 
@@ -137,7 +142,8 @@ def test_cpu_flag_detection(monkeypatch):
 @pytest.mark.skipif(cpuinfo.bf16_unit() is None, reason="this CPU has no AMX/AVX512-BF16 units: bf16 is not run")
 def test_openvino_bf16_close_to_fp32(fp32_onnx, tmp_path):
     _, fp32 = fp32_onnx
-    xml = export_openvino(fp32, tmp_path / "m0.xml")
+    xml = tmp_path / "m0.xml"
+    assert export_openvino(fp32, xml) is None  # not verified without a model
     x = _images(32, 6)
     a = compare_predictions(ort_predictor(fp32), openvino_predictor(xml, 1, "bf16"), [(x, None)])
     assert a.agreement >= 0.9 and a.max_abs_diff > 0  # really ran in reduced precision
@@ -157,14 +163,18 @@ def test_export_cli_int8_and_openvino_from_a_folder(tmp_path, capsys):
     ckpt = save_checkpoint(_grey_model(), tmp_path / "grey.pth", meta=FASHION)
     calib = _folder(tmp_path / "calib", 12)
     out = tmp_path / "out"
+    stem = "efficientvit_m0_64x64"
+    out.mkdir()
+    (out / f"{stem}.onnx").write_bytes(b"an earlier export")
     rc = main(["export", "--checkpoint", str(ckpt), "--out", str(out), "--format", "openvino", "--int8",
                "--calib", str(calib), "--check-images", "64", "--min-agreement", "0.8"])
     assert rc == 0
     text = capsys.readouterr().out
-    stem = "efficientvit_m0_64x64"
-    for name in (f"{stem}.xml", f"{stem}.bin", f"{stem}.int8.onnx", f"{stem}.int8.xml"):
-        assert (out / name).is_file(), name
-    assert not (out / f"{stem}.onnx").exists()  # only the conversion's input: not asked for
+    names = {f"{stem}.onnx", f"{stem}.xml", f"{stem}.bin", f"{stem}.int8.onnx", f"{stem}.int8.json",
+             f"{stem}.int8.xml", f"{stem}.int8.bin"}
+    assert {p.name for p in out.iterdir()} == names  # no temporary files left
+    # the conversion's ONNX input (not asked for) was written aside: an earlier export of that name is kept
+    assert (out / f"{stem}.onnx").read_bytes() == b"an earlier export"
     assert "skipped 1 unreadable" in text and "calibrated on 12 images" in text
     assert "verified with OpenVINO f32" in text
     # the checkpoint's dataset is labelled: the check runs on its test images and prints the accuracy change
@@ -181,10 +191,13 @@ def test_export_cli_int8_from_the_checkpoint_data_and_rejection(tmp_path, capsys
     text = capsys.readouterr().out
     assert "calibration on training images, check on the Fashion-MNIST test set" in text
     assert "32 held-out images" in text
-    assert (out / "efficientvit_m0_64x64.int8.onnx").is_file()
+    int8 = out / "efficientvit_m0_64x64.int8.onnx"
+    assert int8.is_file()
+    kept, files = int8.read_bytes(), sorted(p.name for p in out.iterdir())
     assert main([*args, "--min-agreement", "1.01"]) == 2
     assert "int8 model rejected" in capsys.readouterr().err
-    assert not (out / "efficientvit_m0_64x64.int8.onnx").exists()  # a rejected file is not left behind
+    # a rejected file is not left behind, nor does it replace the earlier accepted one
+    assert int8.read_bytes() == kept and sorted(p.name for p in out.iterdir()) == files
     assert (out / "efficientvit_m0_64x64.onnx").is_file()  # the fp32 export stays
 
 

@@ -4,7 +4,9 @@ writing; ``--int8`` adds the post-training int8 form, checked against fp32 on he
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import tempfile
 from pathlib import Path
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".ts.pt", "openvino": ".xml"}
@@ -76,25 +78,29 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     stem = f"{model.variant}_{size[0]}x{size[1]}"
     needs_onnx = (args.int8 or "openvino" in formats) and "onnx" not in formats
-    for f in (["onnx"] if needs_onnx else []) + [f for f in formats if f != "openvino"]:
-        path = out / f"{stem}{FORMATS[f]}"
-        if f == "onnx":
-            diff = export_onnx(model, path, size, opset=args.opset, dynamo=args.dynamo,
-                               verify=not args.no_verify, atol=args.atol, layout=args.layout)
-            check = "onnxruntime"
-        else:
-            diff = export_torchscript(model, path, size, verify=not args.no_verify, atol=args.atol)
-            check = "torch.jit.load"
-        note = "not verified" if diff is None else f"verified with {check}: max abs diff {diff:.2e}"
-        print(f"{f:<12} {path}  ({note}; dynamic batch, {size[0]}x{size[1]})")
-    onnx_path = out / f"{stem}.onnx"
-    int8_path = out / f"{stem}.int8.onnx"
-    if sets is not None:
-        _export_int8(args, model, sets, onnx_path, int8_path)
-    if "openvino" in formats:
-        _export_openvino(args, model, size, onnx_path, int8_path, sets)
-    if needs_onnx:
-        onnx_path.unlink()  # only the input of the int8 / OpenVINO conversion
+    with contextlib.ExitStack() as stack:
+        onnx_path = out / f"{stem}.onnx"
+        if needs_onnx:  # only the input of the int8 / OpenVINO conversion: written aside, never over an export
+            out.mkdir(parents=True, exist_ok=True)
+            aside = stack.enter_context(tempfile.TemporaryDirectory(dir=out, prefix=".export"))
+            onnx_path = Path(aside) / onnx_path.name
+        for f in (["onnx"] if needs_onnx else []) + [f for f in formats if f != "openvino"]:
+            path = onnx_path if f == "onnx" else out / f"{stem}{FORMATS[f]}"
+            if f == "onnx":
+                diff = export_onnx(model, path, size, opset=args.opset, dynamo=args.dynamo,
+                                   verify=not args.no_verify, atol=args.atol, layout=args.layout)
+                check = "onnxruntime"
+            else:
+                diff = export_torchscript(model, path, size, verify=not args.no_verify, atol=args.atol)
+                check = "torch.jit.load"
+            note = "not verified" if diff is None else f"verified with {check}: max abs diff {diff:.2e}"
+            shown = f"{path.name} (the conversion's input, not kept)" if needs_onnx and f == "onnx" else path
+            print(f"{f:<12} {shown}  ({note}; dynamic batch, {size[0]}x{size[1]})")
+        int8_path = out / f"{stem}.int8.onnx"
+        if sets is not None:
+            _export_int8(args, model, sets, onnx_path, int8_path)
+        if "openvino" in formats:
+            _export_openvino(args, model, size, onnx_path, out / f"{stem}.xml", int8_path, sets)
     return 0
 
 
@@ -129,21 +135,21 @@ def _export_int8(args, model, sets, onnx_path: Path, int8_path: Path) -> None:
     print(f"{'':<12} {agreement.summary()}")
 
 
-def _export_openvino(args, model, size, onnx_path: Path, int8_path: Path, sets) -> None:
+def _export_openvino(args, model, size, onnx_path: Path, xml: Path, int8_path: Path, sets) -> None:
     """fp32 IR (parity-checked); with ``--int8`` the int8 IR, and where the CPU has bf16 units the IR
     run in bf16, both checked against fp32 ONNX Runtime on the held-out images."""
     from effvit.fast.calibration import batches
     from effvit.fast.cpuinfo import bf16_unit
-    from effvit.fast.openvino_ir import export_openvino, openvino_predictor, verify_openvino
+    from effvit.fast.openvino_ir import export_openvino, openvino_predictor
     from effvit.fast.quantize import compare_predictions, ort_predictor
 
-    xml = export_openvino(onnx_path, onnx_path.with_suffix(".xml"))
-    diff = None if args.no_verify else verify_openvino(xml, model, size, args.atol)
+    diff = export_openvino(onnx_path, xml, None if args.no_verify else model, size, args.atol)
     note = "not verified" if diff is None else f"verified with OpenVINO f32: max abs diff {diff:.2e}"
     print(f"{'openvino':<12} {xml}  ({note}; dynamic batch, {size[0]}x{size[1]})")
     if sets is None:
         return
-    xml8 = export_openvino(int8_path, int8_path.with_suffix(".xml"))
+    xml8 = int8_path.with_suffix(".xml")
+    export_openvino(int8_path, xml8)
     forms = {f"{xml8}  (int8)": openvino_predictor(xml8, 0)}
     if bf16_unit():
         forms[f"{xml}  (run in bf16, {bf16_unit()})"] = openvino_predictor(xml, 0, "bf16")

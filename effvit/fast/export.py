@@ -43,21 +43,25 @@ def _size(img_size: int | tuple[int, int]) -> tuple[int, int]:
 
 
 def _write_verified(path: str | Path, write: Callable[[Path], None],
-                    verify: Callable[[Path], float] | None) -> float | None:
+                    verify: Callable[[Path], float] | None, sidecars: tuple[str, ...] = ()) -> float | None:
     """``write`` to a temporary file beside ``path``, ``verify`` it, and only then rename it to ``path``: an
-    export that fails its check never takes the final name, nor replaces an earlier good one."""
+    export that fails its check never takes the final name, nor replaces an earlier good one. ``sidecars``:
+    suffixes of files ``write`` puts beside its file (an OpenVINO IR's ``.bin``), renamed with it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+    moves = [(tmp.with_suffix(s), path.with_suffix(s)) for s in sidecars] + [(tmp, path)]
     try:
         write(tmp)
         try:
             diff = verify(tmp) if verify is not None else None
         except ValueError as e:
             raise ValueError(f"{str(e).replace(str(tmp), str(path))}; it was not written") from None
-        os.replace(tmp, path)
+        for src, dst in moves:
+            os.replace(src, dst)
     finally:
-        tmp.unlink(missing_ok=True)
+        for src, _ in moves:
+            src.unlink(missing_ok=True)
     return diff
 
 

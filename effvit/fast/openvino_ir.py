@@ -19,17 +19,22 @@ __all__ = ["PRECISIONS", "export_openvino", "openvino_predictor", "verify_openvi
 PRECISIONS = ("f32", "bf16")
 
 
-def export_openvino(onnx_path: str | Path, xml_path: str | Path) -> Path:
+def export_openvino(onnx_path: str | Path, xml_path: str | Path, model=None, img_size: int | tuple[int, int] = 224,
+                    atol: float = 1e-4) -> float | None:
     """Convert an ONNX file to OpenVINO IR at ``xml_path`` (weights in the .bin beside it), keeping
-    fp32 weights (no fp16 compression: the parity check compares against fp32)."""
+    fp32 weights (no fp16 compression: the parity check compares against fp32). With ``model`` the IR is
+    checked against it (``verify_openvino``) before it takes its name: a failed check leaves no file and
+    keeps an earlier IR. Returns the verified max abs difference (None without ``model``)."""
     import openvino as ov
+
+    from .export import _write_verified
 
     xml_path = Path(xml_path)
     if xml_path.suffix != ".xml":
         raise ValueError(f"an OpenVINO IR path ends in .xml, got {xml_path}")
-    xml_path.parent.mkdir(parents=True, exist_ok=True)
-    ov.save_model(ov.convert_model(str(onnx_path)), str(xml_path), compress_to_fp16=False)
-    return xml_path
+    write = lambda file: ov.save_model(ov.convert_model(str(onnx_path)), str(file), compress_to_fp16=False)
+    verify = None if model is None else (lambda file: verify_openvino(file, model, img_size, atol))
+    return _write_verified(xml_path, write, verify, sidecars=(".bin",))
 
 
 def openvino_predictor(path: str | Path, threads: int = 1, precision: str = "f32",

@@ -176,18 +176,28 @@ def export_int8(fp32_path: str | Path, out_path: str | Path, sets, ops: Iterable
                 ) -> tuple[int, Agreement, list[str]]:
     """Quantize the fp32 ONNX file with the calibration images of ``sets`` (an
     ``effvit.fast.calibration.ImageSets``) and check the int8 file against the fp32 one on its
-    held-out images. Returns (calibration images, agreement, skipped unreadable files). Below
-    ``min_agreement`` the int8 file is removed and ValueError says by how much it missed."""
+    held-out images. Returns (calibration images, agreement, skipped unreadable files). The int8 file is
+    written aside and takes its name only when the check passes: below ``min_agreement`` nothing is left
+    (an earlier file at ``out_path`` is kept) and ValueError says by how much it missed."""
     from .calibration import batches
+    from .export import _write_verified
 
     skipped: list[str] = []
-    calibration = (x for x, _ in batches(sets.calibration, sets.calibration_idx, batch_size, False, skipped))
-    n = quantize_onnx(fp32_path, out_path, calibration, ops=ops, method=method)
-    held = batches(sets.held_out, sets.held_out_idx, batch_size, sets.labelled, skipped)
-    agreement = compare_predictions(ort_predictor(fp32_path, 0), ort_predictor(out_path, 0), held)
-    if agreement.agreement < min_agreement:
-        Path(out_path).unlink(missing_ok=True)
-        raise ValueError(f"int8 model rejected: {agreement.summary()}, below the required "
-                         f"{100 * min_agreement:.1f}%. Try more calibration images, --calib-method percentile, "
-                         f"or fewer --int8-ops")
-    return n, agreement, skipped
+    result: dict = {}
+
+    def write(file: Path) -> None:
+        calibration = (x for x, _ in batches(sets.calibration, sets.calibration_idx, batch_size, False, skipped))
+        result["n"] = quantize_onnx(fp32_path, file, calibration, ops=ops, method=method)
+
+    def check(file: Path) -> float:
+        held = batches(sets.held_out, sets.held_out_idx, batch_size, sets.labelled, skipped)
+        agreement = result["agreement"] = compare_predictions(ort_predictor(fp32_path, 0), ort_predictor(file, 0),
+                                                              held)
+        if agreement.agreement < min_agreement:
+            raise ValueError(f"int8 model rejected: {agreement.summary()}, below the required "
+                             f"{100 * min_agreement:.1f}%. Try more calibration images, --calib-method percentile, "
+                             f"or fewer --int8-ops")
+        return agreement.max_abs_diff
+
+    _write_verified(out_path, write, check)
+    return result["n"], result["agreement"], skipped
