@@ -3,14 +3,18 @@
 Sources, all installable here (no internet needed beyond the package registries):
 - Debian ``plasma-workspace-wallpapers``: the natural photos among KDE's wallpapers;
 - Debian ``mate-backgrounds``: MATE's nature photos;
-- ``scikit-image``'s bundled sample photos (pip).
-(``gnome-backgrounds`` 43 ships artwork, not photos, so it is not used.)
+- ``scikit-image``'s bundled sample photos (pip);
+- three illustrated landscapes of ``plasma-workspace-wallpapers`` (Altai, Autumn, SafeLanding: a horizon,
+  trees, mountains), for training only.
+(``gnome-backgrounds`` 43 ships artwork, not photos, so it is not used. ``ukui-wallpapers``,
+``lomiri-wallpapers*`` and matplotlib's sample images are reserved for independent tests: never here.)
 
     sudo apt-get install plasma-workspace-wallpapers mate-backgrounds
     python benchmarks/rotation_photo_pool.py --out runs/rotation/photos
 
 Each photo is written once, upright, as PNG (lossless: no fresh JPEG grid) with its shorter side at most
---short-side pixels. The split is by photo and fixed, so test photos are never seen in training.
+--short-side pixels (1024 by default: a large photo gives many distinct crops at several scales). The
+split is by photo and fixed, so test photos are never seen in training.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ PLASMA = ["BytheWater", "ColdRipple", "ColorfulCups", "DarkestHour", "EveningGlo
           "Kite", "OneStandsOut", "Path", "summer_1am"]
 MATE = ["Aqua", "Blinds", "Dune", "FreshFlower", "Garden", "GreenMeadow", "LadyBird", "RainDrops", "Storm",
         "TwoWings", "Wood", "YellowFlower"]
+# illustrated scenes with a clear horizon among KDE's wallpapers: upright cues like a photo's; training only
+SCENES = ["Altai", "Autumn", "SafeLanding"]
 SKIMAGE = ["astronaut", "camera", "chelsea", "coffee", "rocket", "motorcycle", "page", "text", "clock",
            "horse"]
 TEST = {"skimage-coffee", "skimage-rocket", "plasma-EveningGlow", "plasma-Path", "mate-Storm",
@@ -66,6 +72,8 @@ def skimage_photo(name: str) -> Image.Image:
 def photos():
     for n in PLASMA:
         yield f"plasma-{n}", lambda n=n: plasma(n)
+    for n in SCENES:
+        yield f"scene-{n}", lambda n=n: plasma(n)
     for n in MATE:
         yield f"mate-{n}", lambda n=n: mate(n)
     for n in SKIMAGE:
@@ -75,7 +83,7 @@ def photos():
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="runs/rotation/photos")
-    ap.add_argument("--short-side", type=int, default=512)
+    ap.add_argument("--short-side", type=int, default=1024)
     args = ap.parse_args()
     out = Path(args.out)
     counts = {"train": 0, "val": 0, "test": 0}

