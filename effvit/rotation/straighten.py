@@ -77,6 +77,16 @@ def views(img: Image.Image, size: int, crops: int = 1) -> list[Image.Image]:
     return [img.crop((s, 0, s + size, size) if w >= h else (0, s, size, s + size)) for s in starts]
 
 
+def working_copy(img: Image.Image, mode: str, long_side: int = 1280) -> Image.Image:
+    """``img`` in ``mode``, box-reduced by an integer factor while its long side stays >= ``long_side``:
+    a 12-megapixel photo costs a fraction of the conversion and resizing; the network's input (160-224 px)
+    and the line histogram (640 px) are made from this copy."""
+    factor = max(img.size) // long_side
+    if factor >= 2 and img.mode in ("RGB", "L", "RGBA", "LA", "RGBX"):
+        img = img.reduce(factor)
+    return img.convert(mode) if img.mode != mode else img
+
+
 def combine(angles: torch.Tensor, conf: torch.Tensor) -> tuple[float, float]:
     """One answer from several views: their confidence-weighted circular mean, and a confidence that
     is the mean view confidence times the views' agreement (the length of the mean unit vector)."""
@@ -102,7 +112,7 @@ def estimate(model: RotationModel, images: Sequence[Image.Image], window: tuple[
     device = next(model.parameters()).device
     results = []
     for im in images:
-        im = im.convert(mode)
+        im = working_copy(im, mode)
         squares = views(im, cfg["img_size"], crops)
         x = torch.stack([to_tensor(v, cfg["mean"], cfg["std"]) for v in squares]).to(device)
         if not flip and crops == 1:
