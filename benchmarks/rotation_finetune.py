@@ -216,7 +216,35 @@ def main() -> int:
             results_path.write_text(json.dumps(results, indent=2))
             print(f"curve {n} photos ({method}): test MAE {metrics['subdegree']['mae']:.2f}  "
                   f"acc@5 {metrics['subdegree']['acc@5']:.1f}%", flush=True)
+    (out / "results.md").write_text(tables(results))
+    print(tables(results))
     return 0
+
+
+def tables(results: dict) -> str:
+    """The per-head table (argmax and sub-degree decoders) and the learning curve, in Markdown."""
+    head = "| head | decoder | MAE | median | P95 | acc@2 | acc@5 | acc@10 | fine-tuning time |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+
+    def cells(m: dict) -> str:
+        return (f"{m['mae']:.2f} | {m['median']:.2f} | {m['p95']:.2f} | {m['acc@2']:.1f}% | {m['acc@5']:.1f}% | "
+                f"{m['acc@10']:.1f}% |")
+
+    for method, r in results.get("methods", {}).items():
+        decoders = [("argmax", "paper"), ("sub-degree", "subdegree")] if method in ("cls", "cgd") else \
+            [("direct", "subdegree")]
+        for label, key in decoders:
+            lines.append(f"| {method.upper()} | {label} | {cells(r[key])} {r['train_s'] / 60:.1f} min |")
+    if results.get("curve"):
+        lines += ["", "| training photos | head | MAE | median | P95 | acc@2 | acc@5 | acc@10 |",
+                  "|---|---|---|---|---|---|---|---|"]
+        curve = dict(results["curve"])
+        method = next(iter(curve.values()))["method"]
+        if method in results.get("methods", {}):  # the full pool: the head's main run
+            curve[str(len(results["photos"]["train"]))] = {"method": method, **results["methods"][method]}
+        for n, r in sorted(curve.items(), key=lambda kv: int(kv[0])):
+            lines.append(f"| {n} | {r['method'].upper()} | {cells(r['subdegree'])}")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

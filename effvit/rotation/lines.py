@@ -70,3 +70,14 @@ def refine_with_lines(img: Image.Image, angle: float, search: float = 3.0, min_s
     frac = 0.5 * (left - right) / denom if denom < 0 else 0.0  # parabola through the peak's neighbours
     refined = (round(angle / BIN) + offsets[j] + frac) * BIN
     return LineFit(float(refined), strength, True)
+
+
+def into_window(angle: float, window: tuple[float, float] | None) -> float:
+    """A line direction is only known mod 90 degrees: the equivalent angle inside ``window`` (if any)."""
+    if window is None:
+        return angle
+    lo, hi = window
+    for shift in (0.0, -90.0, 90.0, -180.0, 180.0):
+        if lo <= angle + shift <= hi:
+            return angle + shift
+    return angle

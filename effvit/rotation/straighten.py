@@ -18,11 +18,12 @@ from PIL import Image, ImageColor, ImageOps, JpegImagePlugin
 
 from .data import list_images, resize_short, to_tensor
 from .geometry import CROPS, rotate_crop
-from .lines import refine_with_lines
+from .lines import into_window, refine_with_lines
 from .methods import wrap180
 from .model import RotationModel
 
 _ORIENTATION_TAG = 0x0112
+LINE_SEARCH, LINE_STRENGTH = 5.0, 4.0  # chosen on the training photos: BENCHMARKS.md, "Line refinement"
 TTA = {"none": {"flip": False, "crops": 1}, "flip": {"flip": True, "crops": 1},
        "crops": {"flip": False, "crops": 3}, "full": {"flip": True, "crops": 3}}  # test-time augmentation
 
@@ -100,13 +101,14 @@ def combine(angles: torch.Tensor, conf: torch.Tensor) -> tuple[float, float]:
 @torch.no_grad()
 def estimate(model: RotationModel, images: Sequence[Image.Image], window: tuple[float, float] | None = None,
              subdegree: bool = True, flip: bool = False, crops: int = 1, lines: bool = False,
-             line_search: float = 3.0, line_strength: float = 3.0) -> list[tuple[float, float]]:
+             line_search: float = LINE_SEARCH, line_strength: float = LINE_STRENGTH) -> list[tuple[float, float]]:
     """[(signed tilt in degrees, confidence)] per PIL image, preprocessed exactly as in training.
 
     Test-time augmentation: ``crops`` squares along the long side instead of the centre one, and with
     ``flip`` each also mirrored (a mirrored photo carries the negated tilt); the answers are combined
     by ``combine``. ``lines``: the answer is then moved onto the photo's dominant line direction when a
-    clear one lies within ``line_search`` degrees (``effvit.rotation.lines``)."""
+    clear one (peak ``line_strength`` times the mean) lies within ``line_search`` degrees
+    (``effvit.rotation.lines``)."""
     cfg = model.config
     mode = "L" if cfg["in_chans"] == 1 else "RGB"
     device = next(model.parameters()).device
@@ -127,7 +129,7 @@ def estimate(model: RotationModel, images: Sequence[Image.Image], window: tuple[
                 angle, conf = torch.cat([angle, -angle_m]), torch.cat([conf, conf_m])
             tilt, confidence = combine(wrap180(angle.cpu()), conf.cpu())
         if lines:
-            tilt = refine_with_lines(im, tilt, line_search, line_strength).angle
+            tilt = into_window(refine_with_lines(im, tilt, line_search, line_strength).angle, window)
         results.append((tilt, confidence))
     return results
 
