@@ -23,7 +23,7 @@ from torch import nn
 
 from .methods import RotationMethod, get_method, mlp_head, wrap180, wrap360
 
-DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "assets" / "rotation_m0_photos.safetensors"
+DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "assets" / "rotation_lite0_photos.safetensors"
 _META_KEY = "effvit_rotation"
 
 
