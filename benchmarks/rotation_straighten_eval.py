@@ -128,7 +128,7 @@ def main() -> int:
         t0 = time.perf_counter()
         hists = [orientation_histogram(img) for img, _ in test]
         t_lines = (time.perf_counter() - t0) / len(test)
-        for name in ("plain", "flip"):
+        for name in TTA:
             pred, _ = tta[name]
             refined = with_lines(pred, hists, search, strength)
             key = f"{name} + lines"
@@ -139,7 +139,7 @@ def main() -> int:
             print(lines[-1], flush=True)
 
     sel_lines = ["| kept (most confident) | min confidence | MAE | median | acc@5 |", "|---|---|---|---|---|"]
-    for name in ("plain", "flip"):
+    for name in ("plain", "flip + 3 crops"):
         pred, conf = tta[name]
         result[f"selective {name}"] = sel = selective(errors(pred, test), conf)
         for r in sel:
@@ -148,7 +148,7 @@ def main() -> int:
     if args.tune:  # --min-confidence thresholds chosen on the tuning photos, applied to the test photos
         sel_lines += ["", "| --min-confidence (chosen on tuning photos) | test photos kept | MAE kept | acc@5 kept |"
                       " MAE all |", "|---|---|---|---|---|"]
-        for name in ("plain", "flip"):
+        for name in ("plain", "flip + 3 crops"):
             _, t_conf, _ = run_model(model, tune, **TTA[name])
             pred, conf = tta[name]
             err = np.abs(errors(pred, test))
