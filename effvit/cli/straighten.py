@@ -26,10 +26,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--min-confidence", type=float, default=0.0, metavar="C",
                    help="copy images whose confidence (0..1) is below C unchanged (default 0; BENCHMARKS.md "
                         "lists what each threshold keeps and how accurate the kept answers are)")
-    p.add_argument("--tta", default="flip", choices=["none", "flip", "crops", "full"],
+    p.add_argument("--tta", default="full", choices=["none", "flip", "crops", "full"],
                    help="test-time augmentation: flip = also the mirrored image (it must give the negated "
-                        "tilt), crops = three squares along the long side, full = both (default flip: the "
-                        "one that lowers the error on held-out photos, BENCHMARKS.md)")
+                        "tilt), crops = three squares along the long side, full = both (default full: the "
+                        "lowest error over the held-out photos, BENCHMARKS.md; none is the fastest)")
     p.add_argument("--lines", action=argparse.BooleanOptionalAction, default=False,
                    help="refine the tilt on the photo's dominant straight lines when a clear one lies within "
                         "3 degrees of the estimate (default off: with the bundled model it did not lower the "
