@@ -24,7 +24,7 @@ from .model import RotationModel
 
 _ORIENTATION_TAG = 0x0112
 # chosen with the bundled model on its training photos (benchmarks/rotation_straighten_eval.py)
-LINE_SEARCH, LINE_STRENGTH = 3.0, 10.0
+LINE_SEARCH, LINE_STRENGTH = 5.0, 4.0
 TTA = {"none": {"flip": False, "crops": 1}, "flip": {"flip": True, "crops": 1},
        "crops": {"flip": False, "crops": 3}, "full": {"flip": True, "crops": 3}}  # test-time augmentation
 
