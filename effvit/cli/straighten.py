@@ -24,7 +24,16 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="max_area: largest rectangle without empty corners; keep_aspect: same aspect "
                         "ratio; none: whole rotated image with filled corners (default: max_area)")
     p.add_argument("--min-confidence", type=float, default=0.0, metavar="C",
-                   help="copy images whose confidence (0..1) is below C unchanged (default 0)")
+                   help="copy images whose confidence (0..1) is below C unchanged (default 0; BENCHMARKS.md "
+                        "lists what each threshold keeps and how accurate the kept answers are)")
+    p.add_argument("--tta", default="full", choices=["none", "flip", "crops", "full"],
+                   help="test-time augmentation: flip = also the mirrored image (it must give the negated "
+                        "tilt), crops = three squares along the long side, full = both (default full: the "
+                        "lowest error over the held-out photos, BENCHMARKS.md; none is the fastest)")
+    p.add_argument("--lines", action=argparse.BooleanOptionalAction, default=True,
+                   help="refine the tilt on the photo's dominant straight lines when a clear one lies within "
+                        "5 degrees of the estimate (default on: it raised acc@2 on held-out photos, "
+                        "BENCHMARKS.md; --no-lines: the network's answer alone)")
     p.add_argument("--min-angle", type=float, default=0.0, metavar="DEG",
                    help="copy images whose estimated tilt is smaller than DEG unchanged (default 0)")
     p.add_argument("--fill", default=None, help="corner colour for --crop none (default: black, or "
@@ -64,11 +73,13 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.json:
         win = "full circle" if window is None else f"{window[0]:g}..{window[1]:g} deg"
-        print(f"model {model.config['backbone']}/{model.config['method']}, search window {win}")
+        print(f"model {model.config['backbone']}/{model.config['method']}, search window {win}, "
+              f"tta {args.tta}, lines {'on' if args.lines else 'off'}")
         print(f"{'tilt':>8} {'fix':>8} {'conf':>6}  {'action':<28} file")
     results = straighten_files(args.inputs, args.out, model, window=window, crop=args.crop,
                                min_confidence=args.min_confidence, min_angle=args.min_angle, fill=args.fill,
-                               quality=args.quality, dry_run=args.dry_run, on_result=show)
+                               quality=args.quality, dry_run=args.dry_run, tta=args.tta,
+                               lines=args.lines, on_result=show)
     if args.json:
         print(json.dumps([r.to_dict() for r in results], indent=2))
     if not results:

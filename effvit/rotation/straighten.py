@@ -22,13 +22,18 @@ from PIL import Image, ImageColor, ImageOps, JpegImagePlugin
 from effvit.images import decoded_at_fewer_bits, frame_count, is_high_bit, to_mode, value_range
 from effvit.outputs import writable_dir
 
-from .data import list_images, to_input
+from .data import list_images, resize_short, to_tensor
 from .geometry import CROPS, rotate_crop
+from .lines import into_window, refine_with_lines
 from .methods import wrap180
 from .model import RotationModel
 
 _ORIENTATION_TAG = 0x0112
 ANIMATED = ("GIF", "PNG", "WEBP")  # formats whose frames are one animation: all turned by the same angle
+# chosen with the bundled model on its training photos (benchmarks/rotation_straighten_eval.py)
+LINE_SEARCH, LINE_STRENGTH = 5.0, 4.0
+TTA = {"none": {"flip": False, "crops": 1}, "flip": {"flip": True, "crops": 1},
+       "crops": {"flip": False, "crops": 3}, "full": {"flip": True, "crops": 3}}  # test-time augmentation
 
 
 @dataclass
@@ -90,16 +95,72 @@ def check_writable_like(path: str | Path, src: Image.Image) -> None:
         raise ValueError(f"it is a {frame_count(src)}-page {src.format}: straighten the pages as separate files")
 
 
+def views(img: Image.Image, size: int, crops: int = 1) -> list[Image.Image]:
+    """Square views of ``img`` at the network's input size: ``crops`` squares spread along its long side
+    (1: the centre square, the training preprocessing; 3: both ends and the centre)."""
+    if crops < 1:
+        raise ValueError(f"crops must be >= 1, got {crops}")
+    img = resize_short(img, size)
+    w, h = img.size
+    span = max(w, h) - size
+    starts = sorted({round(span * k / (crops - 1)) for k in range(crops)}) if crops > 1 else [span // 2]
+    return [img.crop((s, 0, s + size, size) if w >= h else (0, s, size, s + size)) for s in starts]
+
+
+def working_copy(img: Image.Image, mode: str, long_side: int = 1280) -> Image.Image:
+    """``img`` in ``mode``, box-reduced by an integer factor while its long side stays >= ``long_side``:
+    a 12-megapixel photo costs a fraction of the conversion and resizing; the network's input (160-224 px)
+    and the line histogram (640 px) are made from this copy."""
+    factor = max(img.size) // long_side
+    if factor >= 2 and img.mode in ("RGB", "L", "RGBA", "LA", "RGBX"):
+        img = img.reduce(factor)
+    return to_mode(img, mode) if img.mode != mode else img  # 16-bit and float scaled from their range
+
+
+def combine(angles: torch.Tensor, conf: torch.Tensor) -> tuple[float, float]:
+    """One answer from several views: their confidence-weighted circular mean, and a confidence that
+    is the mean view confidence times the views' agreement (the length of the mean unit vector)."""
+    w = conf.double().clamp_min(1e-6)
+    r = torch.deg2rad(angles.double())
+    c, s = (w * torch.cos(r)).sum() / w.sum(), (w * torch.sin(r)).sum() / w.sum()
+    agreement = float(torch.hypot(c, s))
+    return float(torch.rad2deg(torch.atan2(s, c))), float(conf.double().mean()) * agreement
+
+
 @torch.no_grad()
 def estimate(model: RotationModel, images: Sequence[Image.Image], window: tuple[float, float] | None = None,
-             subdegree: bool = True) -> list[tuple[float, float]]:
-    """[(signed tilt in degrees, confidence)] per PIL image, preprocessed exactly as in training."""
+             subdegree: bool = True, flip: bool = False, crops: int = 1, lines: bool = False,
+             line_search: float = LINE_SEARCH, line_strength: float = LINE_STRENGTH) -> list[tuple[float, float]]:
+    """[(signed tilt in degrees, confidence)] per PIL image, preprocessed exactly as in training.
+
+    Test-time augmentation: ``crops`` squares along the long side instead of the centre one, and with
+    ``flip`` each also mirrored (a mirrored photo carries the negated tilt); the answers are combined
+    by ``combine``. ``lines``: the answer is then moved onto the photo's dominant line direction when a
+    clear one (peak ``line_strength`` times the mean) lies within ``line_search`` degrees
+    (``effvit.rotation.lines``)."""
     cfg = model.config
     mode = "L" if cfg["in_chans"] == 1 else "RGB"
     device = next(model.parameters()).device
-    x = torch.stack([to_input(to_mode(im, mode), cfg["img_size"], cfg["mean"], cfg["std"]) for im in images])
-    angles, conf = model.predict(x.to(device), window=window, subdegree=subdegree)
-    return [(float(a), float(c)) for a, c in zip(wrap180(angles).cpu(), conf.cpu(), strict=True)]
+    results = []
+    for im in images:
+        im = working_copy(im, mode)
+        squares = views(im, cfg["img_size"], crops)
+        x = torch.stack([to_tensor(v, cfg["mean"], cfg["std"]) for v in squares]).to(device)
+        if not flip and crops == 1:
+            angle, conf = model.predict(x, window=window, subdegree=subdegree)
+            tilt, confidence = float(wrap180(angle)[0]), float(conf[0])
+        else:
+            angle, conf = model.predict(x, window=window, subdegree=subdegree, flip_check=False)
+            if flip:
+                mirrored = None if window is None else (-float(window[1]), -float(window[0]))
+                angle_m, conf_m = model.predict(x.flip(-1), window=mirrored, subdegree=subdegree,
+                                                flip_check=False)
+                angle, conf = torch.cat([angle, -angle_m]), torch.cat([conf, conf_m])
+            tilt, confidence = combine(wrap180(angle.cpu()), conf.cpu())
+        if lines:
+            tilt = into_window(refine_with_lines(im, tilt, line_search, line_strength).angle, window)
+        results.append((tilt, confidence))
+    return results
 
 
 def straighten_image(img: Image.Image, angle: float, crop: str = "max_area",
@@ -199,8 +260,12 @@ def plan_outputs(inputs: Sequence[str | Path], out_dir: str | Path) -> list[tupl
 def straighten_files(inputs: Sequence[str | Path], out_dir: str | Path | None, model: RotationModel,
                      window: tuple[float, float] | None = None, crop: str = "max_area",
                      min_confidence: float = 0.0, min_angle: float = 0.0, fill: str | None = None,
-                     quality: int | None = None, dry_run: bool = False, on_result=None) -> list[Result]:
-    """Estimate and (unless ``dry_run``) write each image; unreadable files are reported and skipped."""
+                     quality: int | None = None, dry_run: bool = False, tta: str = "none", lines: bool = False,
+                     on_result=None) -> list[Result]:
+    """Estimate and (unless ``dry_run``) write each image; unreadable files are reported and skipped.
+    ``tta``: a key of ``TTA``; ``lines``: refine on dominant line directions (see ``estimate``)."""
+    if tta not in TTA:
+        raise ValueError(f"tta must be one of {', '.join(TTA)}, got {tta!r}")
     if out_dir is None and not dry_run:
         raise ValueError("give an output folder (--out DIR), or use --dry-run to only print the angles")
     pairs = plan_outputs(inputs, out_dir or ".")
@@ -214,7 +279,7 @@ def straighten_files(inputs: Sequence[str | Path], out_dir: str | Path | None, m
             src, upright = open_upright(src_path)
             if not dry_run:
                 check_writable_like(src_path, src)
-            (res.angle, res.confidence), = estimate(model, [upright], window)
+            (res.angle, res.confidence), = estimate(model, [upright], window, lines=lines, **TTA[tta])
             if res.confidence < min_confidence:
                 res.action = "unchanged (low confidence)"
             elif abs(res.angle) < min_angle:

