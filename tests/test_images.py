@@ -65,6 +65,11 @@ def test_16bit_png_through_straighten_with_the_photo_model(tmp_path):
     assert out.mode == "I;16"  # written back at 16 bits, not as a near-black 8-bit image
     out16, out8 = np.asarray(out, dtype=np.float64), np.asarray(Image.open(tmp_path / "out" / "flat.png"), float)
     assert out16.max() > 50000 and np.abs(out16 / 257.0 - out8).mean() < 1.0
+    # the test-time augmentation and line refinement see the same scaled pixels
+    res = {r.path.split("/")[-1]: r for r in straighten_files([tmp_path / "in"], None, load_rotation_model(),
+                                                                dry_run=True, tta="full", lines=True)}
+    assert res["deep.png"].angle == pytest.approx(res["flat.png"].angle, abs=1e-3)
+    assert res["deep.png"].confidence == pytest.approx(res["flat.png"].confidence)
 
 
 def test_float_cmyk_animated_and_deep_colour_images_in_straighten(tmp_path):
