@@ -21,8 +21,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", default="onnx,torchscript", help="comma-separated: onnx, torchscript")
     p.add_argument("--out", default="exports", help="output folder")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 17)")
-    p.add_argument("--layout", default="nchw", choices=["nchw", "tokens"],
-                   help="ONNX graph layout: nchw (fastest in ONNX Runtime) or tokens (as run in PyTorch)")
     p.add_argument("--dynamo", action="store_true", help="use the torch.export-based ONNX exporter")
     p.add_argument("--atol", type=float, default=1e-4, help="max abs difference accepted by verification")
     p.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime / reload check")
@@ -32,8 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from effvit.cli.info import resolve_models
     from effvit.fast.export import export_onnx, export_torchscript
-    from effvit.models import create_model
-    from effvit.train.inference import load_classifier
+    from effvit.models import create_model, load_model
 
     names = resolve_models(args.model or "m0")
     if len(names) != 1:
@@ -46,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--img-size takes H or H W, got {args.img_size}")
     size = None if args.img_size is None else (args.img_size[0], args.img_size[-1])
     if args.checkpoint:
-        model, info = load_classifier(args.checkpoint, img_size=size, model_name=args.model and names[0])
+        model = load_model(args.checkpoint, model_name=args.model and names[0], img_size=size)
         size = model.img_size
     else:
         size = size or (224, 224)
@@ -57,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
         path = out / f"{stem}{FORMATS[f]}"
         if f == "onnx":
             diff = export_onnx(model, path, size, opset=args.opset, dynamo=args.dynamo,
-                               verify=not args.no_verify, atol=args.atol, layout=args.layout)
+                               verify=not args.no_verify, atol=args.atol)
             check = "onnxruntime"
         else:
             diff = export_torchscript(model, path, size, verify=not args.no_verify, atol=args.atol)

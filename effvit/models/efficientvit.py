@@ -55,13 +55,10 @@ def _make_divisible(v: float, divisor: int = 8) -> int:
     return out + divisor if out < 0.9 * v else out
 
 
-def _exporting() -> bool:
-    """True while torch.onnx.export traces the model (graph runtimes want NCHW convolutions)."""
-    return not torch.jit.is_scripting() and _onnx_export()
-
-
 @torch.jit.unused
-def _onnx_export() -> bool:
+def _onnx_exporting():
+    # type: () -> bool
+    # (a type comment: TorchScript cannot resolve a postponed annotation on an unused function)
     return torch.onnx.is_in_onnx_export()
 
 
@@ -96,18 +93,19 @@ class PointwiseConv(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        if _exporting():  # a Conv node, which ONNX Runtime runs in its own blocked layout
+        if not torch.jit.is_scripting() and _onnx_exporting():  # a Conv node: ONNX Runtime picks its layout
             y = F.conv2d(x, self.weight.t()[:, :, None, None], self.bias)
             return y if residual is None else residual + y
         B, C, H, W = x.shape
-        tokens = x.permute(0, 2, 3, 1).reshape(B * H * W, C)  # a view of channels-last memory
+        n, c_out = B * H * W, self.weight.shape[1]  # explicit sizes: an empty batch has no -1 to infer
+        tokens = x.permute(0, 2, 3, 1).reshape(n, C)  # a view of channels-last memory
         if residual is not None and self.bias is None:
-            y = torch.addmm(residual.permute(0, 2, 3, 1).reshape(B * H * W, -1), tokens, self.weight)
+            y = torch.addmm(residual.permute(0, 2, 3, 1).reshape(n, c_out), tokens, self.weight)
         else:
             y = torch.mm(tokens, self.weight) if self.bias is None else torch.addmm(self.bias, tokens, self.weight)
             if residual is not None:
-                y = y + residual.permute(0, 2, 3, 1).reshape(B * H * W, -1)
-        return y.view(B, H, W, -1).permute(0, 3, 1, 2)
+                y = y + residual.permute(0, 2, 3, 1).reshape(n, c_out)
+        return y.view(B, H, W, c_out).permute(0, 3, 1, 2)
 
 
 class ConvNorm(nn.Sequential):
@@ -258,8 +256,9 @@ class PatchMerging(nn.Module):
         return self.conv3(self.se(x))
 
 
-def check_input(x: torch.Tensor, in_chans: int, dtype: torch.dtype) -> None:
-    """Raise ValueError for a batch the network cannot take, saying what to do instead."""
+def check_input(x: torch.Tensor, in_chans: int, dtype: torch.dtype) -> torch.Tensor:
+    """``x``, or ValueError for a batch the network cannot take, saying what to do instead. It returns
+    its input so that a traced graph keeps the check (FX feature extractors drop unused nodes)."""
     if x.dim() != 4:
         raise ValueError(f"expected a batch of images (B, C, H, W), got shape {tuple(x.shape)}; "
                          "add a batch dimension with x.unsqueeze(0)")
@@ -275,6 +274,7 @@ def check_input(x: torch.Tensor, in_chans: int, dtype: torch.dtype) -> None:
     if x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
         raise ValueError(f"images are {x.dtype} but the model's weights are {dtype}; use x.to({dtype}) "
                          "or run under torch.autocast")
+    return x
 
 
 def bias_index(window: int, height: int | None = None, width: int | None = None) -> torch.Tensor:
@@ -338,7 +338,7 @@ def window_reverse(y: torch.Tensor, x: torch.Tensor, window: int) -> torch.Tenso
     B, C, H, W = x.shape
     if H <= window and W <= window:
         return y
-    nh, nw = -(-H // window), -(-W // window)
+    nh, nw = (H + window - 1) // window, (W + window - 1) // window  # ONNX's Div truncates: no -(-H // w)
     t = y.permute(0, 2, 3, 1).reshape(B, nh, nw, window, window, C).transpose(2, 3)
     t = t.reshape(B, nh * window, nw * window, C)[:, :H, :W]
     return t.permute(0, 3, 1, 2)
@@ -407,12 +407,12 @@ class CascadedGroupAttention(nn.Module):
         outs = []
         feat = chunks[0]
         for i, (qkv, dw) in enumerate(zip(self.qkvs, self.dws)):
-            if isinstance(qkv, PointwiseConv):  # fused (a type test, so TorchScript compiles one branch)
+            if self.fused:
                 # qkv_i(chunk_i + out_{i-1}) = [W_i chunk_i + b_i] + W_i out_{i-1}: bracket batched above.
                 # Tokens (B*N, e) throughout; the scale is inside q, the bias in the score GEMM.
-                t = chunk_qkv[i] if i == 0 else torch.addmm(chunk_qkv[i], feat, qkv.weight)
+                t = chunk_qkv[i] if i == 0 else torch.addmm(chunk_qkv[i], feat, self.qkv_stack[i])
                 q = dw(t[:, :kd].reshape(B, H, W, kd).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).reshape(B, N, kd)
-                t = t.view(B, N, -1)
+                t = t.view(B, N, 2 * kd + d)
                 attn = torch.baddbmm(bias[i], q, t[:, :, kd:2 * kd].transpose(1, 2)).softmax(dim=-1)
                 feat = torch.bmm(attn, t[:, :, 2 * kd:]).view(B * N, d)
             else:
@@ -554,7 +554,7 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting() and not torch.jit.is_tracing():  # traced: checked once
-            check_input(x, self.in_chans, next(self.conv1.parameters()).dtype)
+            x = check_input(x, self.in_chans, next(self.conv1.parameters()).dtype)
         x = F.relu(self.conv1(x), inplace=True)
         x = F.relu(self.conv2(x), inplace=True)
         x = F.relu(self.conv3(x), inplace=True)
@@ -757,6 +757,11 @@ class EfficientVitMsra(nn.Module):
 
 
 @torch.no_grad()
+def is_fused(model: nn.Module) -> bool:
+    """Whether ``model`` is (or holds) an inference form made by ``fuse``."""
+    return any(isinstance(m, PointwiseConv) for m in model.modules())
+
+
 def fuse(model: nn.Module) -> nn.Module:
     """The inference form of ``model`` (a classifier or a ``features_only`` extractor): a folded copy
     with the same outputs (fp32 differences are rounding only), in eval mode, without gradients, in

@@ -60,6 +60,7 @@ def create_model(model_name: str, pretrained: bool | str | Path = False,
     cache.
     """
     variant, _ = parse_model_name(model_name)
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}  # as timm: None means the default
     if isinstance(pretrained_cfg, dict):
         cfg = PretrainedCfg(**pretrained_cfg)
     elif isinstance(pretrained_cfg, PretrainedCfg):
@@ -78,7 +79,9 @@ def create_model(model_name: str, pretrained: bool | str | Path = False,
 def load_model(source: str | Path, model_name: str | None = None, use_ema: bool = False,
                sha256: str | None = None, **kwargs) -> nn.Module:
     """The model a checkpoint describes (variant, classes, channels, input size, class names and
-    normalisation from the file), in eval mode; ``kwargs`` as for ``create_model`` override them."""
+    normalisation from the file), in eval mode; ``kwargs`` as for ``create_model`` override them (None
+    leaves the file's value)."""
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
     weights = read_checkpoint(source, sha256, use_ema=use_ema)
     found = detect_variant(weights[0])
     if model_name is None and found is None:
@@ -101,7 +104,12 @@ def _build(variant: str, cfg: PretrainedCfg, weights: tuple[dict, dict] | None, 
             cfg = cfg_from_meta(cfg, meta, sd["head.linear.weight"].shape[0],
                                 sd["patch_embed.conv1.conv.weight"].shape[1])
             kwargs.setdefault("img_size", cfg.input_size[1:])
-            kwargs.setdefault("distillation", "head_dist.linear.weight" in sd)
+            # a whole second head (BN + linear); a lone head_dist linear is dropped
+            kwargs.setdefault("distillation", {"head_dist.bn.weight", "head_dist.linear.weight"} <= sd.keys())
+    if kwargs.get("features_only"):
+        bad = [i for i in kwargs.get("out_indices", ()) if not -3 <= i < 3]
+        if bad:
+            raise ValueError(f"out_indices {bad} out of range: the model has 3 stages (0, 1, 2; or -3..-1)")
     strict_head = kwargs.get("num_classes", cfg.num_classes) == cfg.num_classes
     built: list[EfficientVitMsra] = []
 
@@ -121,6 +129,8 @@ def _build(variant: str, cfg: PretrainedCfg, weights: tuple[dict, dict] | None, 
                                      feature_cfg=dict(flatten_sequential=True, out_indices=(0, 1, 2)),
                                      **kwargs)
     net = built[0]
-    model.pretrained_cfg = model.default_cfg = cfg_for_model(model.pretrained_cfg, net.num_classes, net.in_chans,
-                                                             net.img_size)
+    cfg = cfg_for_model(model.pretrained_cfg, net.num_classes, net.in_chans, net.img_size)
+    if weights is not None and weights[1].get("dataset"):
+        cfg["dataset"] = weights[1]["dataset"]  # what eval defaults to (e.g. Fashion-MNIST's test set)
+    model.pretrained_cfg = model.default_cfg = cfg
     return model

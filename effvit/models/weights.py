@@ -17,10 +17,9 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .efficientvit import VARIANTS, PointwiseConv, resize_bias_table
+from .efficientvit import VARIANTS, is_fused, resize_bias_table
 
 FORMAT_TAG = "effvit-checkpoint-v1"
 
@@ -216,6 +215,8 @@ def fit_state_dict(model: nn.Module, sd: Mapping[str, torch.Tensor], strict_head
             del sd[k]
     if "head_dist.linear.weight" in sd and "head_dist.linear.weight" not in target:
         sd = {k: v for k, v in sd.items() if not k.startswith("head_dist.")}  # a distilled checkpoint
+    if "head.linear.weight" not in target:  # a headless model (num_classes=0) takes the trunk only
+        sd = {k: v for k, v in sd.items() if not k.startswith(("head.", "head_dist."))}
     if not strict_head:
         for k in target:
             if k.startswith(("head.", "head_dist.")):
@@ -251,7 +252,7 @@ def save_checkpoint(model: nn.Module, path: str | Path, meta: dict | None = None
     """Write the model's weights in timm layout: ``.safetensors`` (loadable by timm as is) or an effvit
     ``.pth``, both with metadata (architecture, classes and their names, input size and channels,
     normalisation) that ``effvit.load_model`` reads back. Written atomically."""
-    if any(isinstance(m, PointwiseConv) for m in model.modules()):
+    if is_fused(model):
         raise ValueError("this is a fused (inference-only) model, whose weights are folded; save the model "
                          "before effvit.fuse, and fuse again after loading")
     path = Path(path)
