@@ -58,8 +58,9 @@ def _make_divisible(v: float, divisor: int = 8) -> int:
 @torch.jit.unused
 def _onnx_exporting():
     # type: () -> bool
-    # (a type comment: TorchScript cannot resolve a postponed annotation on an unused function)
-    return torch.onnx.is_in_onnx_export()
+    # (a type comment: TorchScript cannot resolve a postponed annotation on an unused function). Both ONNX
+    # exporters trace or compile; the cheap test first, since is_in_onnx_export costs imports per call.
+    return (torch.jit.is_tracing() or torch.compiler.is_compiling()) and torch.onnx.is_in_onnx_export()
 
 
 @torch.no_grad()
@@ -93,19 +94,29 @@ class PointwiseConv(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, C, H, W) in channels-last memory, or already tokens (B*H*W, C) (then so are the residual
+        and the output: a chain of GEMMs stays in tokens)."""
+        if x.dim() == 2:
+            return self.tokens(x, residual)
         if not torch.jit.is_scripting() and _onnx_exporting():  # a Conv node: ONNX Runtime picks its layout
             y = F.conv2d(x, self.weight.t()[:, :, None, None], self.bias)
             return y if residual is None else residual + y
         B, C, H, W = x.shape
-        n, c_out = B * H * W, self.weight.shape[1]  # explicit sizes: an empty batch has no -1 to infer
-        tokens = x.permute(0, 2, 3, 1).reshape(n, C)  # a view of channels-last memory
+        c_out = self.weight.shape[1]  # explicit sizes: an empty batch has no -1 to infer
+        res = None if residual is None else to_tokens(residual)
+        return self.tokens(to_tokens(x), res).view(B, H, W, c_out).permute(0, 3, 1, 2)
+
+    def tokens(self, t: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         if residual is not None and self.bias is None:
-            y = torch.addmm(residual.permute(0, 2, 3, 1).reshape(n, c_out), tokens, self.weight)
-        else:
-            y = torch.mm(tokens, self.weight) if self.bias is None else torch.addmm(self.bias, tokens, self.weight)
-            if residual is not None:
-                y = y + residual.permute(0, 2, 3, 1).reshape(n, c_out)
-        return y.view(B, H, W, c_out).permute(0, 3, 1, 2)
+            return torch.addmm(residual, t, self.weight)
+        y = torch.mm(t, self.weight) if self.bias is None else torch.addmm(self.bias, t, self.weight)
+        return y if residual is None else y + residual
+
+
+def to_tokens(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B*H*W, C): a view when ``x`` is in channels-last memory."""
+    B, C, H, W = x.shape
+    return x.permute(0, 2, 3, 1).reshape(B * H * W, C)
 
 
 class ConvNorm(nn.Sequential):
@@ -172,12 +183,16 @@ class Residual(nn.Module):
     @torch.no_grad()
     def fuse(self) -> nn.Module:
         """A stride-1 depthwise conv absorbs the identity as +1 on its centre tap (exact whatever the
-        zero padding, which keeps the output aligned with the input)."""
+        zero padding, which keeps the output aligned with the input); a module with a ``skip`` switch
+        (the FFN, the window attention) adds its own input, which saves a call per block."""
         fuse_children(self)
         m = self.m
         if (isinstance(m, nn.Conv2d) and m.groups == m.in_channels == m.out_channels and m.stride == (1, 1)
                 and m.padding == (m.kernel_size[0] // 2, m.kernel_size[1] // 2)):
             m.weight[:, 0, m.kernel_size[0] // 2, m.kernel_size[1] // 2] += 1.0
+            return m
+        if hasattr(m, "skip"):
+            m.skip = True
             return m
         return self
 
@@ -185,13 +200,31 @@ class Residual(nn.Module):
 class ConvMlp(nn.Module):
     """The FFN: 1x1 expand, ReLU, 1x1 project (zero-gamma, so a fresh block is the identity)."""
 
+    __constants__ = ["fused", "skip"]  # TorchScript compiles only the branch of the form at hand
+
     def __init__(self, dim: int, hidden: int):
         super().__init__()
         self.pw1 = ConvNorm(dim, hidden)
         self.pw2 = ConvNorm(hidden, dim, bn_weight_init=0.0)
+        self.fused = False
+        self.skip = False  # set by Residual.fuse: add the input here
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        if self.skip:
+            residual = x
+        if self.fused:
+            if torch.jit.is_scripting() or not _onnx_exporting():
+                # both GEMMs on tokens: one layout change in and one out instead of one per GEMM
+                B, C, H, W = x.shape
+                res = None if residual is None else to_tokens(residual)
+                y = self.pw2.tokens(self.pw1.tokens(to_tokens(x)).relu_(), res)
+                return y.view(B, H, W, C).permute(0, 3, 1, 2)
         return self.pw2(F.relu(self.pw1(x), inplace=True), residual)
+
+    def fuse(self) -> ConvMlp:
+        fuse_children(self)
+        self.fused = True
+        return self
 
 
 @torch.no_grad()
@@ -201,8 +234,8 @@ def fold_ffn_bias(dw: nn.Module, ffn: nn.Module) -> None:
     ``x' = dw(x) + b2`` and ``pw1.bias -= W1 b2`` leave ``x' + W2 relu(W1 x' + b1') `` equal to the
     original; the FFN's last GEMM then has no bias and accumulates the skip connection directly.
     """
-    mlp = ffn.m if isinstance(ffn, Residual) else None
-    if not (isinstance(dw, nn.Conv2d) and isinstance(mlp, ConvMlp) and isinstance(mlp.pw1, PointwiseConv)
+    mlp = ffn.m if isinstance(ffn, Residual) else ffn
+    if not (isinstance(dw, nn.Conv2d) and isinstance(mlp, ConvMlp) and mlp.skip and isinstance(mlp.pw1, PointwiseConv)
             and isinstance(mlp.pw2, PointwiseConv) and dw.bias is not None and mlp.pw2.bias is not None):
         return
     b2 = mlp.pw2.bias.double()
@@ -354,6 +387,8 @@ class CascadedGroupAttention(nn.Module):
     """Attention over one window with heads fed different channel chunks, each head adding the
     previous head's output to its input (the cascade); q gets a depthwise conv per head."""
 
+    __constants__ = ["fused"]  # TorchScript compiles only the branch of the form at hand
+
     def __init__(self, dim: int, num_heads: int, window: int, kernels: tuple[int, ...],
                  key_dim: int = KEY_DIM):
         super().__init__()
@@ -400,17 +435,17 @@ class CascadedGroupAttention(nn.Module):
         B, C, H, W = x.shape
         kd, d, N = self.key_dim, self.val_dim, H * W
         bias = grid_bias(self.window_bias(), self.window, x)
-        chunks = x.chunk(self.num_heads, dim=1)
-        chunk_qkv = x  # fused: every head's projection of its own chunk, (heads, B*N, e)
-        if self.fused:
-            chunk_qkv = torch.baddbmm(self.qkv_bias, _head_tokens(x, self.num_heads), self.qkv_stack)
+        if self.fused:  # every head's projection of its own chunk at once, (heads, B*N, e)
+            chunks = torch.baddbmm(self.qkv_bias, _head_tokens(x, self.num_heads), self.qkv_stack)
+        else:
+            chunks = x.chunk(self.num_heads, dim=1)
         outs = []
         feat = chunks[0]
         for i, (qkv, dw) in enumerate(zip(self.qkvs, self.dws)):
             if self.fused:
                 # qkv_i(chunk_i + out_{i-1}) = [W_i chunk_i + b_i] + W_i out_{i-1}: bracket batched above.
                 # Tokens (B*N, e) throughout; the scale is inside q, the bias in the score GEMM.
-                t = chunk_qkv[i] if i == 0 else torch.addmm(chunk_qkv[i], feat, self.qkv_stack[i])
+                t = chunks[i] if i == 0 else torch.addmm(chunks[i], feat, self.qkv_stack[i])
                 q = dw(t[:, :kd].reshape(B, H, W, kd).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).reshape(B, N, kd)
                 t = t.view(B, N, 2 * kd + d)
                 attn = torch.baddbmm(bias[i], q, t[:, :, kd:2 * kd].transpose(1, 2)).softmax(dim=-1)
@@ -423,11 +458,11 @@ class CascadedGroupAttention(nn.Module):
                 attn = (q.transpose(-2, -1) @ k) * self.scale + bias[i]
                 feat = (v @ attn.softmax(dim=-1).transpose(-2, -1)).view(B, d, H, W)
             outs.append(feat)
-        if self.fused:
-            y = torch.cat(outs, dim=1).view(B, H, W, C).permute(0, 3, 1, 2)
-        else:
-            y = torch.cat(outs, dim=1)
-        return self.proj["1"](F.relu(y, inplace=True), residual)
+        if self.fused:  # the projection on tokens too: one layout change, at the end
+            res = None if residual is None else to_tokens(residual)
+            y = self.proj["1"].tokens(torch.cat(outs, dim=1).relu_(), res)
+            return y.view(B, H, W, C).permute(0, 3, 1, 2)
+        return self.proj["1"](F.relu(torch.cat(outs, dim=1), inplace=True), residual)
 
     @torch.no_grad()
     def fuse(self) -> CascadedGroupAttention:
@@ -459,18 +494,23 @@ class LocalWindowAttention(nn.Module):
     """Cascaded group attention in non-overlapping windows. Maps larger than the window are padded
     bottom/right with zeros (padded tokens are not masked, as in the paper) and partitioned."""
 
+    __constants__ = ["skip"]
+
     def __init__(self, dim: int, num_heads: int, resolution: int, kernels: tuple[int, ...],
                  window: int = WINDOW):
         super().__init__()
         self.window_size = window
         self.window = min(window, resolution)
         self.attn = CascadedGroupAttention(dim, num_heads, self.window, kernels)
+        self.skip = False  # set by Residual.fuse: add the input here
 
     def set_resolution(self, resolution: int) -> None:
         self.window = min(self.window_size, resolution)
         self.attn.set_window(self.window)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        if self.skip:
+            residual = x
         windows = window_partition(x, self.window)
         if windows is x:  # one window: the output projection takes the skip connection itself
             return self.attn(x, residual)
@@ -529,7 +569,8 @@ class EfficientVitStage(nn.Module):
 
     def set_resolution(self, resolution: int) -> None:
         for block in self.blocks:
-            block.mixer.m.set_resolution(resolution)
+            mixer = block.mixer  # Residual(LocalWindowAttention), or the attention itself once fused
+            (mixer.m if isinstance(mixer, Residual) else mixer).set_resolution(resolution)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.downsample(x)
