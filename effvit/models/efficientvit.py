@@ -253,23 +253,30 @@ def _residual_ffn(dim: int) -> Residual:
 
 
 class SqueezeExcite(nn.Module):
+    __constants__ = ["fused"]
+
     def __init__(self, dim: int, ratio: float = 0.25):
         super().__init__()
         hidden = _make_divisible(dim * ratio, 8)
         self.fc1 = nn.Conv2d(dim, hidden, 1)
         self.fc2 = nn.Conv2d(hidden, dim, 1)
+        self.fused = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s = x.mean((2, 3), keepdim=True)
-        return x * self.fc2(F.relu(self.fc1(s), inplace=True)).sigmoid()
+        if self.fused:  # GEMMs on the pooled (B, C) vector
+            s = self.fc2(F.relu(self.fc1(x.mean((2, 3))), inplace=True))[:, :, None, None]
+        else:
+            s = self.fc2(F.relu(self.fc1(x.mean((2, 3), keepdim=True)), inplace=True))
+        return x * s.sigmoid()
 
     @torch.no_grad()
     def fuse(self) -> SqueezeExcite:
-        """The two 1x1 convs on the pooled vector become GEMMs."""
-        for name in ("fc1", "fc2"):
-            fc = getattr(self, name)
-            if isinstance(fc, nn.Conv2d):
-                setattr(self, name, PointwiseConv(fc.weight, fc.bias))
+        """The two 1x1 convs on the pooled vector become GEMMs (also in ONNX: a Gemm, no layout
+        reorder around a 1x1 map)."""
+        if not self.fused:
+            self.fc1 = PointwiseConv(self.fc1.weight, self.fc1.bias)
+            self.fc2 = PointwiseConv(self.fc2.weight, self.fc2.bias)
+            self.fused = True
         return self
 
 
@@ -435,16 +442,17 @@ class CascadedGroupAttention(nn.Module):
         B, C, H, W = x.shape
         kd, d, N = self.key_dim, self.val_dim, H * W
         bias = grid_bias(self.window_bias(), self.window, x)
-        if self.fused:  # every head's projection of its own chunk at once, (heads, B*N, e)
-            chunks = torch.baddbmm(self.qkv_bias, _head_tokens(x, self.num_heads), self.qkv_stack)
+        # the fused form runs on tokens (B*N, e), except in an ONNX graph, where NCHW convs run fastest
+        tokens = self.fused and (torch.jit.is_scripting() or not _onnx_exporting())
+        if tokens:  # every head's projection of its own chunk at once, (heads, B*N, e)
+            chunks = torch.baddbmm(self.qkv_bias, _head_tokens(x, self.num_heads), self.qkv_stack).unbind(0)
         else:
             chunks = x.chunk(self.num_heads, dim=1)
         outs = []
         feat = chunks[0]
         for i, (qkv, dw) in enumerate(zip(self.qkvs, self.dws)):
-            if self.fused:
-                # qkv_i(chunk_i + out_{i-1}) = [W_i chunk_i + b_i] + W_i out_{i-1}: bracket batched above.
-                # Tokens (B*N, e) throughout; the scale is inside q, the bias in the score GEMM.
+            if tokens:
+                # qkv_i(chunk_i + out_{i-1}) = [W_i chunk_i + b_i] + W_i out_{i-1}: bracket batched above
                 t = chunks[i] if i == 0 else torch.addmm(chunks[i], feat, self.qkv_stack[i])
                 q = dw(t[:, :kd].reshape(B, H, W, kd).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).reshape(B, N, kd)
                 t = t.view(B, N, 2 * kd + d)
@@ -455,14 +463,17 @@ class CascadedGroupAttention(nn.Module):
                     feat = feat + chunks[i]
                 q, k, v = qkv(feat).split([kd, kd, d], dim=1)
                 q, k, v = dw(q).flatten(2), k.flatten(2), v.flatten(2)  # (B, kd | d, N)
-                attn = (q.transpose(-2, -1) @ k) * self.scale + bias[i]
+                attn = q.transpose(-2, -1) @ k
+                if not self.fused:  # fused: the scale is inside q's depthwise conv
+                    attn = attn * self.scale
+                attn = attn + bias[i]
                 feat = (v @ attn.softmax(dim=-1).transpose(-2, -1)).view(B, d, H, W)
             outs.append(feat)
-        if self.fused:  # the projection on tokens too: one layout change, at the end
+        y = F.relu(torch.cat(outs, dim=1), inplace=True)
+        if tokens:  # the projection on tokens too: one layout change, at the end
             res = None if residual is None else to_tokens(residual)
-            y = self.proj["1"].tokens(torch.cat(outs, dim=1).relu_(), res)
-            return y.view(B, H, W, C).permute(0, 3, 1, 2)
-        return self.proj["1"](F.relu(torch.cat(outs, dim=1), inplace=True), residual)
+            return self.proj["1"](y, res).view(B, H, W, C).permute(0, 3, 1, 2)
+        return self.proj["1"](y, residual)
 
     @torch.no_grad()
     def fuse(self) -> CascadedGroupAttention:
@@ -788,8 +799,11 @@ class EfficientVitMsra(nn.Module):
 
     @torch.no_grad()
     def fuse(self) -> EfficientVitMsra:
-        """Every module folded; the distillation heads average into one linear (eval returns their mean)."""
+        """Every module folded; the distillation heads average into one linear (eval returns their mean);
+        the average pool a plain mean (in ONNX a ReduceMean, which needs no layout reorder)."""
         fuse_children(self)
+        if self.global_pool.pool_type == "avg":
+            self.global_pool = SelectAdaptivePool2d(pool_type="fast", flatten=True)
         if isinstance(self.head, nn.Linear) and isinstance(self.head_dist, nn.Linear):
             self.head.weight.copy_((self.head.weight.double() + self.head_dist.weight.double()) / 2)
             self.head.bias.copy_((self.head.bias.double() + self.head_dist.bias.double()) / 2)
