@@ -25,7 +25,8 @@ from effvit.fast.deploy_bench import p90
 from effvit.fast.export import export_onnx
 from effvit.fast.openvino_ir import export_openvino, openvino_predictor
 from effvit.fast.quantize import compare_predictions, ort_predictor, quantize_onnx
-from effvit.train.inference import eval_transform, load_classifier
+from effvit.models import load_model
+from effvit.train.inference import eval_transform
 
 # (name, op types, calibration method); "all" = every op type onnxruntime quantizes
 VARIANTS = [
@@ -71,17 +72,17 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
-    model, info = load_classifier(args.checkpoint)
-    sets = image_sets(info, eval_transform(info), data_root=args.data, calibration_images=args.calib_images,
+    model = load_model(args.checkpoint)
+    sets = image_sets(model, eval_transform(model), data_root=args.data, calibration_images=args.calib_images,
                       held_out_images=args.check_images)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    result: dict = {"checkpoint": args.checkpoint, "img_size": info.img_size, "source": sets.source,
+    result: dict = {"checkpoint": args.checkpoint, "img_size": model.img_size[0], "source": sets.source,
                     "calibration_images": len(sets.calibration_idx), "argv": sys.argv[1:],
                     "int8_unit": int8_unit(), "bf16_unit": bf16_unit(), "variants": {}, "speed": {}}
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = Path(tmp) / "fp32.onnx"
-        export_onnx(model, fp32, info.img_size)
+        export_onnx(model, fp32, model.img_size)
         paths = {}
         for name, ops, method in VARIANTS:
             path = Path(tmp) / f"{name.replace(' ', '').replace(',', '-')}.onnx"
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:<24} {a.summary()}", flush=True)
 
         for batch in (16, 1):
-            x = torch.randn(batch, info.in_chans, info.img_size, info.img_size,
+            x = torch.randn(batch, model.in_chans, *model.img_size,
                             generator=torch.Generator().manual_seed(0)).numpy()
             fns = {}
             for name, path in {"fp32": fp32, **paths}.items():

@@ -6,9 +6,6 @@ random BN statistics and bias, folds it (``effvit.kernels.cascaded_attention.ope
 
 - ``kernel``: the Triton kernel (windows read from the map in place; ``wN``: num_warps N, ``rN``: at most N
   registers per thread);
-- ``torch-fused``: the inference form's PyTorch attention (``effvit.fast.fuse.FusedCascadedAttention``,
-  where this checkout has it), its window gather included (the scatter back is not: that form folds it
-  into the residual add);
 - ``torch-ref``: the plain PyTorch reference (the paper's head loop);
 - ``+graph``: the same replayed from a CUDA graph (batch 1: what a latency-bound user would run).
 
@@ -113,22 +110,6 @@ def compile_only(args) -> None:
                       f"{got.get('STACK')} | {k.metadata.shared} | {dt:.1f} |")
 
 
-def partition(t, window: int):
-    """(B, S, S, C) map -> (B * n * n, window, window, C) windows: the fused form's gather (a copy)."""
-    B, side, _, C = t.shape
-    n = side // window
-    if n <= 1:
-        return t
-    return t.view(B, n, window, n, window, C).transpose(2, 3).reshape(-1, window, window, C)
-
-
-def unpartition(y, batch: int, side: int, window: int):
-    """The inverse of ``partition`` for (windows * tokens, C) rows (for the check only)."""
-    n, C = max(1, side // window), y.shape[-1]
-    w = min(window, side)
-    return y.view(batch, n, n, w, w, C).transpose(2, 3).reshape(batch, side, side, C)
-
-
 def measure(args, forms: dict, truth, graphs: bool, sync) -> tuple[dict, dict]:
     """Check every form against the fp32 truth, add CUDA-graph replays if asked, time in alternating rounds.
     Returns (median ms, max abs error) per form."""
@@ -173,11 +154,6 @@ def main() -> None:
     from effvit.kernels import cascaded_attention as ca
     from effvit.models.efficientvit import LocalWindowAttention
 
-    try:  # the inference form's attention, where this checkout has it
-        from effvit.fast.fuse import FusedCascadedAttention
-    except ImportError:
-        FusedCascadedAttention = None
-
     device = torch.device(args.device)
     if not ca.available(device):
         raise SystemExit(f"the kernel does not run on {device} here (Triton, CUDA capability >= 8.0)")
@@ -187,14 +163,13 @@ def main() -> None:
     # the fp32 truth must be fp32 (cuDNN convs default to TF32); the timed forms are 16-bit
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     rows = []
-    for v, s, C, heads, kernels, side, window in cases(args):
+    for v, s, C, heads, kernels, side, _window in cases(args):
         torch.manual_seed(0)
         lwa = randomise_norms(LocalWindowAttention(C, heads, side, kernels)).eval().to(device)
         ops32 = ca.operands(lwa.attn, side, side)
         for name in args.dtype.split(","):
             dtype = getattr(torch, DTYPES[name])
             ops = [o.to(dtype) if torch.is_tensor(o) else o for o in ops32]
-            fused = FusedCascadedAttention(lwa.attn).to(dtype) if FusedCascadedAttention else None
             for batch in (int(b) for b in args.batch.split(",")):
                 x = torch.randn(batch, side, side, C, generator=torch.Generator().manual_seed(1)).to(device, dtype)
                 # each form returns (its output, that output as a float (B, S, S, C) map for the check)
@@ -204,11 +179,6 @@ def main() -> None:
                         y = ca.cascaded_attention(x, *ops, num_warps=w, maxnreg=r or None)
                         return y, y.float()
                     forms[" ".join(["kernel"] + [f"w{w}"] * bool(w) + [f"r{r}"] * bool(r))] = kernel
-                if fused is not None:
-                    def torch_fused(x=x, fused=fused, batch=batch, side=side, window=window):
-                        y = fused(partition(x, window))
-                        return y, unpartition(y, batch, side, window).float()
-                    forms["torch-fused"] = torch_fused
 
                 def torch_ref(x=x, ops=ops):
                     y = ca.cascaded_attention_reference(x, *ops)

@@ -211,17 +211,16 @@ def test_int8_needs_images(tmp_path, capsys):
 
 
 def test_image_sets_fashion_mnist_split():
-    class Info:
-        dataset, mode, class_names = "fashion_mnist", "L", None
-
+    model = _grey_model()
+    model.pretrained_cfg["dataset"] = "fashion_mnist"  # as load_model reads it from a training checkpoint
     tf = lambda img: torch.from_numpy(np.asarray(img, dtype=np.float32)[None] / 255)
-    sets = image_sets(Info(), tf, calibration_images=8, held_out_images=20)
+    sets = image_sets(model, tf, calibration_images=8, held_out_images=20)
     assert sets.labelled and len(sets.calibration_idx) == 8 and len(sets.held_out_idx) == 20
     assert len(sets.held_out) == 10000  # the test split; calibration comes from the training split
     x, y = next(batches(sets.held_out, sets.held_out_idx, 20))
     assert x.shape == (20, 1, 28, 28) and x.dtype == np.float32 and y.shape == (20,)
     with pytest.raises(ValueError, match="at least one image"):
-        image_sets(Info(), tf, calibration_images=0)
+        image_sets(model, tf, calibration_images=0)
 
 
 def test_ort_peak_ops():

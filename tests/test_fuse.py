@@ -6,18 +6,23 @@ import warnings
 
 import pytest
 import torch
+from timm.models import reparameterize_model
 
 from effvit import create_model, fuse, list_models
 from effvit.fast.benchmark import randomise_norms
-from effvit.fast.fuse import (
-    FusedCascadedAttention,
-    FusedDwFFN,
-    FusedEfficientVit,
-    FusedWindowAttention,
-    fuse_bn_linear,
-    fuse_conv_bn,
+from effvit.models.efficientvit import (
+    CascadedGroupAttention,
+    ConvMlp,
+    ConvNorm,
+    EfficientVitMsra,
+    LocalWindowAttention,
+    NormLinear,
+    PointwiseConv,
+    Residual,
+    fold_ffn_bias,
+    fuse_children,
+    is_fused,
 )
-from effvit.models.efficientvit import CascadedGroupAttention, ConvMlp, ConvNorm, NormLinear, Residual
 
 TOL = 1e-4
 
@@ -71,15 +76,24 @@ def test_model_built_at_another_size():
 
 
 @torch.no_grad()
-def test_features_stages_and_head():
+def test_intermediates_and_head():
     model = _model()
     fused = fuse(model)
     x = _x(2, 3, 224, 224)
-    for a, b in zip(fused.forward_stages(x), model.forward_stages(x), strict=True):
+    got = fused.forward_intermediates(x, intermediates_only=True)
+    for a, b in zip(got, model.forward_intermediates(x, intermediates_only=True), strict=True):
         _close(a, b)  # later stages' in-place updates must not touch earlier stage outputs
     feats = fused.forward_features(x)
     _close(feats, model.forward_features(x))
     _close(fused.forward_head(feats, pre_logits=True), model.forward_head(model.forward_features(x), True))
+
+
+@torch.no_grad()
+def test_features_only_model_fuses():
+    model = randomise_norms(create_model("efficientvit_m0", features_only=True), 0).eval()
+    x = _x(2, 3, 224, 224)
+    for a, b in zip(fuse(model)(x), model(x), strict=True):
+        _close(a, b)
 
 
 @torch.no_grad()
@@ -119,26 +133,42 @@ def test_source_untouched_input_untouched_no_grad():
 
 
 @torch.no_grad()
-def test_batch_dynamic_and_deterministic():
+def test_batch_dynamic_deterministic_and_empty():
     model = _model()
     fused = fuse(model)
     x = _x(3, 3, 224, 224)
     full = fused(x)
     _close(torch.cat([fused(x[i:i + 1]) for i in range(3)]), full)
     assert torch.equal(fused(x), full)  # in-place buffers do not leak between calls
+    for size in (224, 64, (320, 192)):  # an empty batch gives an empty batch, as the eager model does
+        empty = torch.zeros(0, 3, *((size, size) if isinstance(size, int) else size))
+        assert fused(empty).shape == model(empty).shape == (0, 1000)
+
+
+def test_one_model_folded_in_place_idempotent_and_timm_reparameterize():
+    model = _model()
+    fused = fuse(model)
+    assert type(fused) is EfficientVitMsra and is_fused(fused) and not is_fused(model)
+    assert not any(isinstance(m, (ConvNorm, NormLinear)) for m in fused.modules())
+    x = _x(2, 3, 224, 224)
+    ref = fused(x)
+    assert torch.equal(fuse(fused)(x), ref)  # folding twice changes nothing
+    # timm's reparameterize_model walks top-down calling fuse(): the same folded network
+    timm_form = reparameterize_model(model)
+    _close(timm_form(x), ref)
+    assert {k: v.shape for k, v in timm_form.state_dict().items()} == \
+        {k: v.shape for k, v in fused.state_dict().items()}
 
 
 def test_bad_inputs_are_explained():
     fused = fuse(_model())
     with pytest.raises(ValueError, match="input channels"):
         fused(torch.randn(1, 1, 224, 224))
-    with pytest.raises(ValueError, match="fuse expects an EfficientVitMsra"):
+    with pytest.raises(ValueError, match="fuse expects an EfficientViT-M model"):
         fuse(torch.nn.Linear(2, 2))
-    with pytest.raises(ValueError, match="stride-1 depthwise"):
-        fuse_conv_bn(ConvNorm(4, 8, 3, 1, 1), residual=True)
 
 
-# -- the individual rewrites --------------------------------------------------------------------------
+# -- the individual rewrites, each next to the module it folds ---------------------------------------
 def _randomised(m: torch.nn.Module) -> torch.nn.Module:
     return randomise_norms(m, seed=3).eval()
 
@@ -147,43 +177,61 @@ def _randomised(m: torch.nn.Module) -> torch.nn.Module:
 def test_conv_bn_and_bn_linear_folding():
     cn = _randomised(ConvNorm(8, 16, 3, 2, 1))
     x = _x(2, 8, 10, 10)
-    _close(fuse_conv_bn(cn)(x), cn(x))
+    conv = cn.fuse()
+    assert type(conv) is torch.nn.Conv2d and conv.bias is not None
+    _close(conv(x), cn(x))
+    pw = _randomised(ConvNorm(8, 16))
+    gemm = pw.fuse()
+    assert isinstance(gemm, PointwiseConv) and gemm.weight.shape == (8, 16)  # stored (C_in, C_out)
+    _close(gemm(x), pw(x))
+    r = _x(2, 16, 10, 10, seed=5)
+    _close(gemm(x, residual=r), pw(x, residual=r))
     nl = _randomised(NormLinear(16, 5))
     v = _x(4, 16)
-    _close(fuse_bn_linear(nl)(v), nl(v))
+    lin = nl.fuse()
+    assert type(lin) is torch.nn.Linear
+    _close(lin(v), nl(v))
 
 
 @torch.no_grad()
 def test_residual_depthwise_becomes_one_conv():
     dw = _randomised(ConvNorm(8, 8, 3, 1, 1, groups=8))
     x = _x(2, 8, 7, 5)
-    conv = fuse_conv_bn(dw, residual=True)
-    _close(conv(x), x + dw(x))  # +1 on the centre tap is exact at the zero-padded borders too
+    ref = x + dw(x)
+    conv = Residual(dw).fuse()
+    assert type(conv) is torch.nn.Conv2d
+    _close(conv(x), ref)  # +1 on the centre tap is exact at the zero-padded borders too
+    strided = Residual(_randomised(ConvNorm(8, 8, 3, 2, 1, groups=8)))
+    assert strided.fuse() is strided  # no identity to absorb: stays a residual
 
 
 @torch.no_grad()
-def test_dw_ffn_bias_shift():
+def test_ffn_bias_moves_into_the_depthwise_conv():
     dw = _randomised(ConvNorm(16, 16, 3, 1, 1, groups=16))
     ffn = _randomised(ConvMlp(16, 32))
-    m = FusedDwFFN(dw, ffn)
     x = _x(2, 16, 6, 6)
     ref = Residual(ffn)(Residual(dw)(x))
-    out = m(x.permute(0, 2, 3, 1).contiguous())  # tokens in, tokens out
-    _close(out.permute(0, 3, 1, 2), ref)
+    fdw, fffn = Residual(dw).fuse(), Residual(ffn).fuse()
+    assert isinstance(fffn, ConvMlp) and fffn.skip  # the FFN takes its skip connection itself
+    fold_ffn_bias(fdw, fffn)
+    assert fffn.pw2.bias is None  # the last GEMM accumulates the skip connection, no bias pass
+    _close(fffn(fdw(x.contiguous(memory_format=torch.channels_last))), ref)
 
 
 @torch.no_grad()
 @pytest.mark.parametrize("heads,kernels", [(4, (5, 5, 5, 5)), (3, (7, 5, 3)), (1, (3,))])
 def test_grouped_cascade_attention(heads, kernels):
     cga = _randomised(CascadedGroupAttention(48, heads, 7, kernels))
-    fused = FusedCascadedAttention(cga)
-    # the scale folded into q, the bias a precomputed buffer
-    assert torch.equal(fused.bias, cga.attention_bias(7, 7))
-    x = _x(3, 48, 7, 7)
-    y = fused(x.permute(0, 2, 3, 1).contiguous())  # (B*N, C): ReLU'd concat of the heads
-    proj = fuse_conv_bn(cga.proj[1])
-    out = torch.nn.functional.linear(y, proj.weight.flatten(1), proj.bias)
-    _close(out.view(3, 7, 7, 48).permute(0, 3, 1, 2), cga(x))
+    x = _x(3, 48, 7, 7).contiguous(memory_format=torch.channels_last)
+    ref = cga(x)
+    bias = cga.window_bias().clone()
+    dw_ref = [dw.conv.weight.clone() for dw in cga.dws]
+    fused = cga.fuse()
+    assert fused.fused and torch.equal(fused.eval_bias, bias)  # the bias a buffer, gathered once
+    assert fused.qkv_stack.shape == (heads, 48 // heads, 2 * 16 + 48 // heads)  # (heads, d, e) chunk GEMM
+    assert all(dw.weight.abs().sum() < w.abs().sum() for dw, w in zip(fused.dws, dw_ref))  # scale in q
+    _close(fused(x), ref)
+    assert fused.fuse() is fused
 
 
 @torch.no_grad()
@@ -191,10 +239,11 @@ def test_grouped_cascade_attention(heads, kernels):
 def test_window_attention_paths(hw):
     model = _model("efficientvit_m0")
     mixer = model.stages[0].blocks[0].mixer  # Residual(LocalWindowAttention), window 7, C 64
-    fused = FusedWindowAttention(mixer)
-    x = _x(2, 64, *hw)
-    out = fused(x.permute(0, 2, 3, 1).contiguous())
-    _close(out.permute(0, 3, 1, 2), mixer(x))
+    assert isinstance(mixer.m, LocalWindowAttention)
+    x = _x(2, 64, *hw).contiguous(memory_format=torch.channels_last)
+    ref = mixer(x)
+    fuse_children(mixer)
+    _close(mixer(x), ref)
 
 
 # -- graph capture ------------------------------------------------------------------------------------
@@ -218,12 +267,12 @@ def test_trace_script_and_compile_graph():
 
 
 def test_fuse_gives_an_inference_model_and_leaves_the_source_alone():
-    """fuse's promise: an eval-mode FusedEfficientVit without BatchNorm or gradients, on the source's dtype,
+    """fuse's promise: an eval-mode model without BatchNorm or gradients, on the source's dtype,
     the source model untouched (its training mode and weights)."""
     model = create_model("efficientvit_m0").train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     fused = fuse(model.double())
-    assert isinstance(fused, FusedEfficientVit) and not fused.training
+    assert is_fused(fused) and not fused.training
     assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in fused.modules())
     assert all(not p.requires_grad and p.dtype == torch.float64 for p in fused.parameters())
     assert model.training and all(torch.equal(v.double() if v.is_floating_point() else v, model.state_dict()[k])
@@ -261,9 +310,9 @@ def test_cuda_stages_match_at_the_paper_batch(amp, cudnn_benchmark):
         model = _model().cuda()
         fused = fuse(model)
         x = _x(2048, 3, 224, 224).cuda()
-        ref = model.forward_stages(x)
+        ref = model.forward_intermediates(x, intermediates_only=True)
         with torch.autocast("cuda", dtype=amp or torch.float32, enabled=amp is not None):
-            got = fused.forward_stages(x)
+            got = fused.forward_intermediates(x, intermediates_only=True)
         errors = []
         for i, (a, b) in enumerate(zip(got, ref, strict=True)):
             per_sample = (a.float() - b).abs().flatten(1).amax(1)

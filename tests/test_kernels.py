@@ -129,7 +129,7 @@ def test_reference_and_kernel_are_the_models_attention(resolution, H, W):
         want = lwa(x)
         args = ca.operands(lwa.attn, H, W)
         for fn in (ca.cascaded_attention_reference, ca.cascaded_attention):
-            got = lwa.attn.proj[1](fn(x.permute(0, 2, 3, 1), *args).permute(0, 3, 1, 2))
+            got = lwa.attn.proj["1"](fn(x.permute(0, 2, 3, 1), *args).permute(0, 3, 1, 2))
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
 
 

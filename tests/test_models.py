@@ -61,7 +61,7 @@ def test_any_resolution_gives_logits_and_stride_maps(size):
     x = torch.randn(2, 3, h, w)
     with torch.no_grad():
         assert model(x).shape == (2, 1000)
-        feats = model.forward_stages(x)
+        feats = model.forward_intermediates(x, intermediates_only=True)
     for f, stride, width in zip(feats, (16, 32, 64), (128, 192, 224)):
         assert f.shape == (2, width, -(-h // stride), -(-w // stride))
 
@@ -97,18 +97,19 @@ def test_features_only_and_out_indices():
     sub = effvit.create_model("efficientvit_m4", features_only=True, out_indices=(1,)).eval()
     with torch.no_grad():
         assert [tuple(f.shape) for f in sub(x)] == [(1, 256, 7, 7)]
-    assert len(sub.stages) == 2  # stage 3 is not even built
+    assert "stages_2" not in dict(sub.named_children())  # stage 3 is not even built
     with pytest.raises(ValueError, match="out_indices"):
         effvit.create_model("efficientvit_m4", features_only=True, out_indices=(3,))
 
 
 def test_timm_style_api():
     model = effvit.create_model("efficientvit_m0", num_classes=10, in_chans=1, img_size=64)
-    cfg = model.pretrained_cfg
-    assert cfg.input_size == (1, 64, 64) and cfg.interpolation == "bicubic" and cfg.crop_pct == 0.875
-    assert cfg.class_names is None  # 10 classes: the ImageNet names no longer apply
+    cfg = model.pretrained_cfg  # timm's dict, adjusted to the model as built
+    assert cfg["input_size"] == (1, 64, 64) and cfg["interpolation"] == "bicubic" and cfg["crop_pct"] == 0.875
+    assert cfg["num_classes"] == 10 and "label_names" not in cfg  # the ImageNet names no longer apply
+    assert cfg["mean"] == (sum((0.485, 0.456, 0.406)) / 3,)  # one statistic for one channel
     imagenet = effvit.create_model("efficientvit_m0").pretrained_cfg
-    assert len(imagenet.class_names) == 1000 and imagenet.mean == (0.485, 0.456, 0.406)
+    assert len(imagenet["label_names"]) == 1000 and imagenet["mean"] == (0.485, 0.456, 0.406)
     x = torch.randn(2, 1, 64, 64)
     model.eval()
     pooled = model.forward_head(model.forward_features(x), pre_logits=True)
@@ -190,7 +191,7 @@ class TestEvalBiasNeverStale:
                 tol = 1e-4 if dtype == torch.float32 else 0.5
                 assert (out - ref).abs().max().item() < tol * max(1.0, ref.abs().max().item() / 10)
             a.half()
-            assert a.stages[0].blocks[0].mixer.m.attn.attention_bias(7, 7).dtype == torch.float16
+            assert a.stages[0].blocks[0].mixer.m.attn.window_bias().dtype == torch.float16
 
 
 def test_torchscript_trace_and_script_match_eager():

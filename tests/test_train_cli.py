@@ -118,17 +118,17 @@ def test_predict_table_json_csv_and_skips_corrupt_images(trained, tmp_path, caps
 def test_imagenet_checkpoint_gets_the_paper_eval_transform(tmp_path):
     from torchvision.transforms import CenterCrop, Resize
 
-    from effvit.models import create_model
+    from effvit.models import create_model, load_model
     from effvit.models.weights import save_checkpoint
-    from effvit.train.inference import eval_transform, load_classifier
+    from effvit.train.inference import class_names, eval_transform, image_mode
 
     path = save_checkpoint(create_model("efficientvit_m0"), tmp_path / "m0.pth")
-    model, info = load_classifier(path)
-    tf = eval_transform(info).transforms
+    model = load_model(path)
+    tf = eval_transform(model).transforms
     resize = next(t for t in tf if isinstance(t, Resize))
     crop = next(t for t in tf if isinstance(t, CenterCrop))
     assert resize.size == 256 and resize.interpolation.value == "bicubic" and crop.size == (224, 224)
-    assert len(info.class_names) == 1000 and info.mode == "RGB"
+    assert len(class_names(model)) == 1000 and image_mode(model) == "RGB"
 
 
 @pytest.mark.slow

@@ -34,13 +34,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def build_eval_dataset(info, dataset: str, root: str | None, split: str | None, transform):
+def build_eval_dataset(model, dataset: str, root: str | None, split: str | None, transform):
     from effvit.train.data import FashionMNIST, ImageFolder, check_same_classes, find_classes
+    from effvit.train.inference import class_names, has_own_class_names, image_mode
 
     if dataset == "fashion_mnist":
         if split not in (None, "test", "val", "train"):
             raise ValueError(f"Fashion-MNIST has the splits train and test, not {split!r}")
-        ds = FashionMNIST(root, train=split == "train", transform=transform, mode=info.mode)
+        ds = FashionMNIST(root, train=split == "train", transform=transform, mode=image_mode(model))
         return ds, split or "test"
     if not root:
         raise ValueError("pass --data DIR: the folder holding DIR/val/<class>/*.jpg (or --split NAME)")
@@ -49,34 +50,37 @@ def build_eval_dataset(info, dataset: str, root: str | None, split: str | None, 
     if not Path(root).is_dir():
         raise FileNotFoundError(f"data folder {root} does not exist")
     classes = find_classes(split_dir)
-    names = info.class_names
-    if info.meta.get("class_names"):
-        check_same_classes(names, classes, Path(f"{info.arch} checkpoint classes"), split_dir)
-    elif len(classes) != info.num_classes:
-        raise ValueError(f"{split_dir} has {len(classes)} class folders but the model has {info.num_classes} "
+    names = class_names(model)
+    if has_own_class_names(model):
+        check_same_classes(names, classes, Path(f"{model.variant} checkpoint classes"), split_dir)
+    elif len(classes) != model.num_classes:
+        raise ValueError(f"{split_dir} has {len(classes)} class folders but the model has {model.num_classes} "
                          "outputs")
     else:
         names = classes
-    return ImageFolder(split_dir, names, transform=transform, mode=info.mode), split
+    return ImageFolder(split_dir, names, transform=transform, mode=image_mode(model)), split
 
 
 def run(args: argparse.Namespace) -> int:
+    from effvit.models import load_model
     from effvit.outputs import writable_dir
     from effvit.train import ClassificationTask, build_loader, evaluate, init_distributed
     from effvit.train.distributed import cleanup
-    from effvit.train.inference import eval_transform, load_classifier
+    from effvit.train.inference import class_names, eval_transform
     from effvit.train.metrics import per_class_accuracy, plot_confusion
 
     ctx = init_distributed(args.device)
     try:
-        model, info = load_classifier(args.checkpoint, use_ema=args.ema, img_size=args.img_size)
-        dataset = args.dataset or ("fashion_mnist" if info.dataset == "fashion_mnist" else "folder")
-        ds, split = build_eval_dataset(info, dataset, args.data, args.split, eval_transform(info))
+        model = load_model(args.checkpoint, use_ema=args.ema, img_size=args.img_size)
+        names = class_names(model)
+        trained_on = model.pretrained_cfg.get("dataset")
+        dataset = args.dataset or ("fashion_mnist" if trained_on == "fashion_mnist" else "folder")
+        ds, split = build_eval_dataset(model, dataset, args.data, args.split, eval_transform(model))
         out = Path(args.output) if args.output else Path(args.checkpoint).parent / f"eval-{split}"
         if ctx.is_main:
             writable_dir(out)  # before the evaluation, not after it
         loader = build_loader(ds, args.batch_size, ctx=ctx, num_workers=args.workers, pin_memory=True)
-        task = ClassificationTask(model, None, ds, num_classes=info.num_classes, class_names=info.class_names)
+        task = ClassificationTask(model, None, ds, num_classes=model.num_classes, class_names=names)
         model.to(ctx.device)
         res = evaluate(model, loader, task, ctx=ctx, amp=args.amp, strict=args.strict,
                        progress=not args.no_progress, desc=f"eval {split}")
@@ -88,33 +92,34 @@ def run(args: argparse.Namespace) -> int:
     per_class = per_class_accuracy(confusion)
     report = {"checkpoint": str(args.checkpoint), "weights": "ema" if args.ema else "model", "split": split,
               "samples": int(res.stats["count"]), "skipped": res.skipped, **res.metrics,
-              "per_class": {n: (None if math.isnan(a) else a) for n, a in zip(info.class_names, per_class,
+              "per_class": {n: (None if math.isnan(a) else a) for n, a in zip(names, per_class,
                                                                                strict=True)}}
     if args.json:
         print(json.dumps(report, indent=2))
     else:
-        print_report(report, info, dataset, confusion, per_class, args.ema)
+        print_report(report, model.variant, names, dataset, confusion, per_class, args.ema)
     # the metrics are printed first: a write that fails now (a full disk) loses no result
     (out / "metrics.json").write_text(json.dumps(report, indent=2))
-    title = f"{info.arch} on {dataset} {split}: top-1 {res.metrics['top1']:.2f}%"
-    png = plot_confusion(confusion, info.class_names, out / "confusion.png", title=title)
+    title = f"{model.variant} on {dataset} {split}: top-1 {res.metrics['top1']:.2f}%"
+    png = plot_confusion(confusion, names, out / "confusion.png", title=title)
     if not args.json:
         print(f"\nwrote {out / 'metrics.json'} and {png}")
     return 0
 
 
-def print_report(report: dict, info, dataset: str, confusion, per_class: list[float], ema: bool) -> None:
+def print_report(report: dict, arch: str, names: list[str], dataset: str, confusion, per_class: list[float],
+                 ema: bool) -> None:
     skipped = f", {len(report['skipped'])} unreadable skipped" if report["skipped"] else ""
-    print(f"{info.arch} ({'EMA' if ema else 'model'} weights) on {dataset} {report['split']}, "
+    print(f"{arch} ({'EMA' if ema else 'model'} weights) on {dataset} {report['split']}, "
           f"{report['samples']} images{skipped}")
     print(f"top-1 {report['top1']:.2f}%  top-5 {report['top5']:.2f}%  loss {report['loss']:.4f}")
     if len(per_class) <= 50:
-        width = max(len(n) for n in info.class_names)
+        width = max(len(n) for n in names)
         counts = confusion.sum(dim=1)
         print(f"\n{'class':<{width}}  {'images':>6}  {'top-1':>6}")
-        for name, acc, n in zip(info.class_names, per_class, counts.tolist(), strict=True):
+        for name, acc, n in zip(names, per_class, counts.tolist(), strict=True):
             print(f"{name:<{width}}  {n:>6}  {acc:>5.1f}%")
     else:
         order = sorted(range(len(per_class)), key=lambda i: -1 if math.isnan(per_class[i]) else per_class[i])
-        worst = ", ".join(f"{info.class_names[i]} {per_class[i]:.0f}%" for i in order[:10])
+        worst = ", ".join(f"{names[i]} {per_class[i]:.0f}%" for i in order[:10])
         print(f"worst classes: {worst} (all in metrics.json)")

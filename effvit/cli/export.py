@@ -26,8 +26,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="comma-separated: onnx, torchscript, openvino (IR converted from the ONNX export)")
     p.add_argument("--out", default="exports", help="output folder")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 17)")
-    p.add_argument("--layout", default="nchw", choices=["nchw", "tokens"],
-                   help="ONNX graph layout: nchw (fastest in ONNX Runtime) or tokens (as run in PyTorch)")
     p.add_argument("--dynamo", action="store_true", help="use the torch.export-based ONNX exporter")
     p.add_argument("--atol", type=float, default=1e-4, help="max abs difference accepted by verification")
     p.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime / reload check")
@@ -53,8 +51,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from effvit.cli.info import resolve_models
     from effvit.fast.export import export_onnx, export_torchscript
-    from effvit.models import create_model
-    from effvit.train.inference import load_classifier
+    from effvit.models import create_model, load_model
 
     names = resolve_models(args.model or "m0")
     if len(names) != 1:
@@ -67,14 +64,13 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--img-size takes H or H W, positive numbers of pixels, got {args.img_size}")
     size = None if args.img_size is None else (args.img_size[0], args.img_size[-1])
     if args.checkpoint:
-        model, info = load_classifier(args.checkpoint, img_size=size, model_name=args.model and names[0])
+        model = load_model(args.checkpoint, model_name=args.model and names[0], img_size=size)
         size = model.img_size
     else:
         size = size or (224, 224)
-        info = None
         model = create_model(names[0], num_classes=args.num_classes, img_size=size)
     # the int8 images are found before anything is written: a missing folder fails fast
-    sets = _int8_images(args, model, info) if args.int8 else None
+    sets = _int8_images(args, model) if args.int8 else None
     out = Path(args.out)
     stem = f"{model.variant}_{size[0]}x{size[1]}"
     needs_onnx = (args.int8 or "openvino" in formats) and "onnx" not in formats
@@ -88,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
             path = onnx_path if f == "onnx" else out / f"{stem}{FORMATS[f]}"
             if f == "onnx":
                 diff = export_onnx(model, path, size, opset=args.opset, dynamo=args.dynamo,
-                                   verify=not args.no_verify, atol=args.atol, layout=args.layout)
+                                   verify=not args.no_verify, atol=args.atol)
                 check = "onnxruntime"
             else:
                 diff = export_torchscript(model, path, size, verify=not args.no_verify, atol=args.atol)
@@ -104,16 +100,12 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _int8_images(args, model, info):
+def _int8_images(args, model):
     """Calibration and held-out images (``effvit.fast.calibration.ImageSets``) for ``--int8``."""
     from effvit.fast.calibration import image_sets
-    from effvit.train.config import AugConfig
-    from effvit.train.data import build_transform
     from effvit.train.inference import eval_transform
 
-    transform = (eval_transform(info) if info is not None
-                 else build_transform(AugConfig(), model.img_size[0], model.in_chans, is_training=False))
-    return image_sets(info, transform, folder=args.calib, data_root=args.data,
+    return image_sets(model, eval_transform(model), folder=args.calib, data_root=args.data,
                       calibration_images=args.calib_images, held_out_images=args.check_images)
 
 

@@ -32,19 +32,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def predict(model, info, files, *, topk: int = 5, batch_size: int = 32, workers: int = 0, device=None,
+def predict(model, files, *, topk: int = 5, batch_size: int = 32, workers: int = 0, device=None,
             on_error=None) -> list[dict]:
     """[{'file', 'predictions': [{'label', 'index', 'prob'}, ...]}] for readable files, in input order;
     ``on_error(name)`` is called for each file that could not be decoded."""
     import torch
 
     from effvit.train.data import ImageList, build_loader
-    from effvit.train.inference import eval_transform
+    from effvit.train.inference import class_names, eval_transform, image_mode
 
     device = device or torch.device("cpu")
-    ds = ImageList(files, eval_transform(info), mode=info.mode)
+    names = class_names(model)
+    ds = ImageList(files, eval_transform(model), mode=image_mode(model))
     loader = build_loader(ds, batch_size, num_workers=workers)
-    k = min(topk, info.num_classes)
+    k = min(topk, model.num_classes)
     results = []
     model.to(device).eval()
     with torch.no_grad():
@@ -59,7 +60,7 @@ def predict(model, info, files, *, topk: int = 5, batch_size: int = 32, workers:
             top = probs.topk(k, dim=1)
             for i, p, c in zip(idx.tolist(), top.values.tolist(), top.indices.tolist(), strict=True):
                 results.append({"file": ds.files[i], "predictions": [
-                    {"label": info.class_names[ci], "index": ci, "prob": round(pi, 6)}
+                    {"label": names[ci], "index": ci, "prob": round(pi, 6)}
                     for pi, ci in zip(p, c, strict=True)]})
     return results
 
@@ -86,24 +87,24 @@ def format_results(results: list[dict], fmt: str, errors: list[str]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from effvit.models import load_model
     from effvit.outputs import writable_file
     from effvit.train.data import list_images
     from effvit.train.distributed import resolve_device
-    from effvit.train.inference import load_classifier
 
     if args.topk < 1:
         raise ValueError(f"--topk must be >= 1, got {args.topk}")
     files = [f for p in args.paths for f in list_images(p)]
     if args.output:
         writable_file(args.output)  # before predicting, not after
-    model, info = load_classifier(args.checkpoint, use_ema=args.ema, img_size=args.img_size)
+    model = load_model(args.checkpoint, use_ema=args.ema, img_size=args.img_size)
     errors: list[str] = []
 
     def on_error(name: str) -> None:
         errors.append(name)
         print(f"effvit predict: skipped unreadable image {name}", file=sys.stderr)
 
-    results = predict(model, info, files, topk=args.topk, batch_size=args.batch_size, workers=args.workers,
+    results = predict(model, files, topk=args.topk, batch_size=args.batch_size, workers=args.workers,
                       device=resolve_device(args.device), on_error=on_error)
     text = format_results(results, args.format, errors)
     if args.output:

@@ -123,12 +123,12 @@ def resolve_config(args: argparse.Namespace):
 
 def export_best(result, task, log=print) -> Path | None:
     """The run's best weights as best.safetensors: what ``straighten --model`` and ``eval`` load."""
+    from effvit.models.weights import read_checkpoint
     from effvit.rotation.model import save_rotation_model
-    from effvit.train.checkpoint import load_weights
 
     if not Path(result.best_checkpoint).is_file():
         return None
-    sd, meta = load_weights(result.best_checkpoint)
+    sd, meta = read_checkpoint(result.best_checkpoint)
     model = task.model.cpu()
     model.load_state_dict(sd)
     path = save_rotation_model(model, Path(result.output_dir) / "best.safetensors",

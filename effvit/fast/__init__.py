@@ -1,5 +1,1 @@
-"""Fast inference: fused modules (``fuse``) and deployment exports."""
-
-from .fuse import FusedEfficientVit, fuse
-
-__all__ = ["fuse", "FusedEfficientVit"]
+"""Deployment: exports of the fused model and the benchmark harness."""

@@ -191,7 +191,7 @@ def effvit_forms(model: nn.Module, x: torch.Tensor, amp: torch.dtype | None = No
                  compile: bool = False) -> dict[str, Callable[[], Forward]]:
     """Candidate forms of our implementation: the fused model eager and traced, on CUDA also
     captured as a CUDA graph (+ compiled)."""
-    from .fuse import fuse
+    from effvit.models import fuse
 
     fused = fuse(model)
     forms: dict[str, Callable[[], Forward]] = {"fused": lambda: _runner(fused, x, amp)}

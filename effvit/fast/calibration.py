@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import Dataset
 
+from effvit.train.inference import class_names, image_mode
+
 __all__ = ["ImageSets", "image_sets", "batches"]
 
 
@@ -35,26 +37,26 @@ def _sample(n_total: int, n: int, seed: int) -> list[int]:
     return sorted(idx[:n]) if n > 0 else sorted(idx)
 
 
-def _dataset_splits(info, transform, data_root: str | None) -> tuple[Dataset, Dataset, str] | None:
+def _dataset_splits(model, transform, data_root: str | None) -> tuple[Dataset, Dataset, str] | None:
     """(training split, labelled held-out split, name of the held-out split) of the checkpoint's
     dataset, or None where it cannot be had (outside weights, or a folder dataset without its root)."""
     from effvit.train.data import FashionMNIST, ImageFolder, find_classes
 
-    dataset = info.dataset if info is not None else None
+    dataset, mode = model.pretrained_cfg.get("dataset"), image_mode(model)
     if dataset == "fashion_mnist":
-        return (FashionMNIST(data_root, train=True, transform=transform, mode=info.mode),
-                FashionMNIST(data_root, train=False, transform=transform, mode=info.mode), "the Fashion-MNIST test set")
+        return (FashionMNIST(data_root, train=True, transform=transform, mode=mode),
+                FashionMNIST(data_root, train=False, transform=transform, mode=mode), "the Fashion-MNIST test set")
     if dataset == "folder" and data_root:
         root = Path(data_root)
-        return (ImageFolder(root / "train", find_classes(root / "train"), transform=transform, mode=info.mode),
-                ImageFolder(root / "val", info.class_names, transform=transform, mode=info.mode), str(root / "val"))
+        return (ImageFolder(root / "train", find_classes(root / "train"), transform=transform, mode=mode),
+                ImageFolder(root / "val", class_names(model), transform=transform, mode=mode), str(root / "val"))
     return None
 
 
-def image_sets(info, transform, *, folder: str | Path | None = None, data_root: str | None = None,
+def image_sets(model, transform, *, folder: str | Path | None = None, data_root: str | None = None,
                calibration_images: int = 512, held_out_images: int = 10000, seed: int = 0) -> ImageSets:
-    """The calibration and held-out images for the classifier described by ``info`` (a
-    ``ClassifierInfo``, or None for a model without a training checkpoint).
+    """The calibration and held-out images for ``model`` (its ``pretrained_cfg`` names the dataset of
+    the training checkpoint it was loaded from, if any).
 
     The checkpoint's dataset (``data_root``: its folder; needed for image-folder datasets) gives both:
     calibration from its training split, the check on its labelled test/val split. ``folder``
@@ -65,9 +67,9 @@ def image_sets(info, transform, *, folder: str | Path | None = None, data_root: 
 
     if calibration_images < 1:
         raise ValueError(f"calibration needs at least one image, got {calibration_images}")
-    splits = _dataset_splits(info, transform, data_root)
+    splits = _dataset_splits(model, transform, data_root)
     if folder is None and splits is None:
-        if info is not None and info.dataset == "folder":
+        if model.pretrained_cfg.get("dataset") == "folder":
             raise ValueError("this checkpoint was trained on an image folder: pass --data ROOT (its "
                              "ROOT/train and ROOT/val) or --calib DIR (a folder of images)")
         raise ValueError("int8 calibration needs images: pass --calib DIR (a folder of images like the "
@@ -76,7 +78,7 @@ def image_sets(info, transform, *, folder: str | Path | None = None, data_root: 
         calib, held, held_name = splits
         what = "training images"
         if folder is not None:
-            calib, what = ImageList(list_images(folder), transform=transform, mode=_mode(info)), str(folder)
+            calib, what = ImageList(list_images(folder), transform=transform, mode=image_mode(model)), str(folder)
         return ImageSets(calib, _sample(len(calib), calibration_images, seed), held,
                          _sample(len(held), held_out_images, seed), True,
                          f"calibration on {what}, check on {held_name}")
@@ -84,7 +86,7 @@ def image_sets(info, transform, *, folder: str | Path | None = None, data_root: 
     if len(files) < 2:
         raise ValueError(f"{folder} has {len(files)} image: it needs at least two, one to calibrate and one "
                          f"to check (better hundreds)")
-    images = ImageList(files, transform=transform, mode=_mode(info))
+    images = ImageList(files, transform=transform, mode=image_mode(model))
     order = list(range(len(files)))
     random.Random(seed).shuffle(order)
     n_cal = min(calibration_images, len(files) // 2)  # at least half of a small folder stays for the check
@@ -92,10 +94,6 @@ def image_sets(info, transform, *, folder: str | Path | None = None, data_root: 
     rest = rest[:held_out_images] if held_out_images > 0 else rest
     return ImageSets(images, sorted(order[:n_cal]), images, sorted(rest), False,
                      f"{folder}: {n_cal} images to calibrate, {len(rest)} other images to check")
-
-
-def _mode(info) -> str:
-    return info.mode if info is not None else "RGB"
 
 
 def batches(dataset: Dataset, indices: Sequence[int], batch_size: int = 64, labels: bool = True,

@@ -4,9 +4,22 @@ One family per file, timm style: building blocks, the network, then the variant 
 buffer names follow timm's port (``timm.models.efficientvit_msra``) so state dicts move both ways
 unchanged; the official layout is converted in ``effvit.models.weights``.
 
+One network, two forms. ``fuse(model)`` turns a trained model into its inference form by folding each
+module in place of itself, bottom-up, on a copy: every module that folds says how in its ``fuse()``,
+next to its forward. The forward code is the same for both forms; the folded modules differ:
+
+- Conv+BN -> one conv with bias (``ConvNorm.fuse``), a 1x1 one computed as a GEMM (``PointwiseConv``);
+  BN+Linear -> one linear (``NormLinear.fuse``); the two distillation heads -> their mean.
+- ``x + DW(x)`` -> one depthwise conv with +1 on its centre tap (``Residual.fuse``).
+- The FFN's output bias moves into the preceding depthwise conv (``fold_ffn_bias``), so the FFN's last
+  GEMM takes the skip connection as its accumulator.
+- The attention scale (16^-0.5 = 0.25, a power of two: exact) folds into q's depthwise conv and the
+  relative-position bias is gathered once into a buffer (``CascadedGroupAttention.fuse``).
+- Memory turns channels-last: a 1x1 conv is then a plain GEMM over (B*H*W, C) tokens, the windows and
+  the heads' q/k/v are views, and the spatial convs run in their fast layout.
+
 Differences from the official code and timm, all output-preserving where those work:
-- the eval-mode attention bias is gathered from the live table on every call, so it never goes stale
-  (``effvit.fuse`` bakes it into a buffer for deployment);
+- the eval-mode attention bias is gathered from the live table on every call, so it never goes stale;
 - any input size, square or not: a map smaller than its window attends over its real tokens with the
   matching sub-grid of the bias table (the official code crashes there);
 - bad inputs raise ``ValueError`` that says what to do.
@@ -14,11 +27,15 @@ Differences from the official code and timm, all output-preserving where those w
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
 import torch
+import torch.fx
 import torch.nn.functional as F
+from timm.layers import SelectAdaptivePool2d
+from timm.models._features import feature_take_indices
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -38,6 +55,70 @@ def _make_divisible(v: float, divisor: int = 8) -> int:
     return out + divisor if out < 0.9 * v else out
 
 
+@torch.jit.unused
+def _onnx_exporting():
+    # type: () -> bool
+    # (a type comment: TorchScript cannot resolve a postponed annotation on an unused function). Both ONNX
+    # exporters trace or compile; the cheap test first, since is_in_onnx_export costs imports per call.
+    return (torch.jit.is_tracing() or torch.compiler.is_compiling()) and torch.onnx.is_in_onnx_export()
+
+
+@torch.no_grad()
+def bn_affine(bn: nn.BatchNorm1d | nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eval-mode BN as ``x * scale + shift``, in float64."""
+    scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
+    return scale, bn.bias.double() - bn.running_mean.double() * scale
+
+
+def fuse_children(module: nn.Module) -> None:
+    """Replace every child that folds by its ``fuse()`` and walk into the others. A module's own
+    ``fuse()`` calls this first, so it folds whole whoever walks the tree (timm's
+    ``reparameterize_model`` goes top-down), and folding twice changes nothing."""
+    for name, child in module.named_children():
+        fold = getattr(child, "fuse", None)
+        if callable(fold):
+            setattr(module, name, fold())
+        else:
+            fuse_children(child)
+
+
+class PointwiseConv(nn.Module):
+    """A 1x1 conv in its inference form: one GEMM over the tokens of channels-last memory,
+    ``(B*H*W, C_in) @ W^T + b``. The weight is stored transposed, (C_in, C_out): the GEMM's right operand
+    as MKL reads it fastest (a transposed view costs twice the time on small maps). A ``residual`` is
+    added to the output; without a bias it is the GEMM's accumulator (no extra pass)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.weight = nn.Parameter(weight.flatten(1).t().contiguous(), requires_grad=False)  # (C_in, C_out)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, C, H, W) in channels-last memory, or already tokens (B*H*W, C) (then so are the residual
+        and the output: a chain of GEMMs stays in tokens)."""
+        if x.dim() == 2:
+            return self.tokens(x, residual)
+        if not torch.jit.is_scripting() and _onnx_exporting():  # a Conv node: ONNX Runtime picks its layout
+            y = F.conv2d(x, self.weight.t()[:, :, None, None], self.bias)
+            return y if residual is None else residual + y
+        B, C, H, W = x.shape
+        c_out = self.weight.shape[1]  # explicit sizes: an empty batch has no -1 to infer
+        res = None if residual is None else to_tokens(residual)
+        return self.tokens(to_tokens(x), res).view(B, H, W, c_out).permute(0, 3, 1, 2)
+
+    def tokens(self, t: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        if residual is not None and self.bias is None:
+            return torch.addmm(residual, t, self.weight)
+        y = torch.mm(t, self.weight) if self.bias is None else torch.addmm(self.bias, t, self.weight)
+        return y if residual is None else y + residual
+
+
+def to_tokens(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B*H*W, C): a view when ``x`` is in channels-last memory."""
+    B, C, H, W = x.shape
+    return x.permute(0, 2, 3, 1).reshape(B * H * W, C)
+
+
 class ConvNorm(nn.Sequential):
     """Conv without bias followed by BatchNorm: one conv with bias once fused."""
 
@@ -49,38 +130,118 @@ class ConvNorm(nn.Sequential):
         nn.init.constant_(self.bn.weight, bn_weight_init)
         nn.init.zeros_(self.bn.bias)
 
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        y = self.bn(self.conv(x))
+        return y if residual is None else residual + y
+
+    @torch.no_grad()
+    def fuse(self) -> nn.Conv2d:
+        c = self.conv
+        scale, shift = bn_affine(self.bn)
+        weight = c.weight.double() * scale[:, None, None, None]
+        if c.kernel_size == (1, 1) and c.stride == (1, 1) and c.padding == (0, 0) and c.groups == 1:
+            return PointwiseConv(weight.to(c.weight.dtype), shift.to(c.weight.dtype))
+        out = nn.Conv2d(c.in_channels, c.out_channels, c.kernel_size, c.stride, c.padding, groups=c.groups,
+                        bias=True, device=c.weight.device, dtype=c.weight.dtype)
+        out.weight.copy_(weight)
+        out.bias.copy_(shift)
+        return out
+
 
 class NormLinear(nn.Sequential):
-    """BatchNorm1d then Linear: the classifier head."""
+    """BatchNorm1d, dropout, then Linear: the classifier head."""
 
-    def __init__(self, cin: int, cout: int, std: float = 0.02):
+    def __init__(self, cin: int, cout: int, drop: float = 0.0, std: float = 0.02):
         super().__init__()
         self.bn = nn.BatchNorm1d(cin)
+        self.drop = nn.Dropout(drop)
         self.linear = nn.Linear(cin, cout)
         nn.init.trunc_normal_(self.linear.weight, std=std)
         nn.init.zeros_(self.linear.bias)
 
+    @torch.no_grad()
+    def fuse(self) -> nn.Linear:
+        """``W (x s + t) + c = (W diag(s)) x + (W t + c)``."""
+        scale, shift = bn_affine(self.bn)
+        w = self.linear.weight.double()
+        out = nn.Linear(w.shape[1], w.shape[0], device=w.device, dtype=self.linear.weight.dtype)
+        out.weight.copy_(w * scale[None, :])
+        out.bias.copy_(w @ shift + self.linear.bias.double())
+        return out
+
 
 class Residual(nn.Module):
+    """``x + m(x)``; ``m`` takes the skip connection as ``residual`` so a fused GEMM can accumulate it."""
+
     def __init__(self, m: nn.Module):
         super().__init__()
         self.m = m
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.m(x)
+        return self.m(x, residual=x)
+
+    @torch.no_grad()
+    def fuse(self) -> nn.Module:
+        """A stride-1 depthwise conv absorbs the identity as +1 on its centre tap (exact whatever the
+        zero padding, which keeps the output aligned with the input); a module with a ``skip`` switch
+        (the FFN, the window attention) adds its own input, which saves a call per block."""
+        fuse_children(self)
+        m = self.m
+        if (isinstance(m, nn.Conv2d) and m.groups == m.in_channels == m.out_channels and m.stride == (1, 1)
+                and m.padding == (m.kernel_size[0] // 2, m.kernel_size[1] // 2)):
+            m.weight[:, 0, m.kernel_size[0] // 2, m.kernel_size[1] // 2] += 1.0
+            return m
+        if hasattr(m, "skip"):
+            m.skip = True
+            return m
+        return self
 
 
 class ConvMlp(nn.Module):
     """The FFN: 1x1 expand, ReLU, 1x1 project (zero-gamma, so a fresh block is the identity)."""
 
+    __constants__ = ["fused", "skip"]  # TorchScript compiles only the branch of the form at hand
+
     def __init__(self, dim: int, hidden: int):
         super().__init__()
         self.pw1 = ConvNorm(dim, hidden)
-        self.act = nn.ReLU()
         self.pw2 = ConvNorm(hidden, dim, bn_weight_init=0.0)
+        self.fused = False
+        self.skip = False  # set by Residual.fuse: add the input here
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pw2(self.act(self.pw1(x)))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        if self.skip:
+            residual = x
+        if self.fused:
+            if torch.jit.is_scripting() or not _onnx_exporting():
+                # both GEMMs on tokens: one layout change in and one out instead of one per GEMM
+                B, C, H, W = x.shape
+                res = None if residual is None else to_tokens(residual)
+                y = self.pw2.tokens(self.pw1.tokens(to_tokens(x)).relu_(), res)
+                return y.view(B, H, W, C).permute(0, 3, 1, 2)
+        return self.pw2(F.relu(self.pw1(x), inplace=True), residual)
+
+    def fuse(self) -> ConvMlp:
+        fuse_children(self)
+        self.fused = True
+        return self
+
+
+@torch.no_grad()
+def fold_ffn_bias(dw: nn.Module, ffn: nn.Module) -> None:
+    """Move a fused residual FFN's output bias b2 into the depthwise conv before it (fused, in place).
+
+    ``x' = dw(x) + b2`` and ``pw1.bias -= W1 b2`` leave ``x' + W2 relu(W1 x' + b1') `` equal to the
+    original; the FFN's last GEMM then has no bias and accumulates the skip connection directly.
+    """
+    mlp = ffn.m if isinstance(ffn, Residual) else ffn
+    if not (isinstance(dw, nn.Conv2d) and isinstance(mlp, ConvMlp) and mlp.skip and isinstance(mlp.pw1, PointwiseConv)
+            and isinstance(mlp.pw2, PointwiseConv) and dw.bias is not None and mlp.pw2.bias is not None):
+        return
+    b2 = mlp.pw2.bias.double()
+    dw.bias.add_(b2.to(dw.bias.dtype))
+    mlp.pw1.bias.sub_((b2 @ mlp.pw1.weight.double()).to(mlp.pw1.bias.dtype))
+    mlp.pw2.bias = None
 
 
 def _residual_dw(dim: int) -> Residual:
@@ -92,16 +253,31 @@ def _residual_ffn(dim: int) -> Residual:
 
 
 class SqueezeExcite(nn.Module):
+    __constants__ = ["fused"]
+
     def __init__(self, dim: int, ratio: float = 0.25):
         super().__init__()
         hidden = _make_divisible(dim * ratio, 8)
         self.fc1 = nn.Conv2d(dim, hidden, 1)
-        self.act = nn.ReLU()
         self.fc2 = nn.Conv2d(hidden, dim, 1)
+        self.fused = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s = x.mean((2, 3), keepdim=True)
-        return x * self.fc2(self.act(self.fc1(s))).sigmoid()
+        if self.fused:  # GEMMs on the pooled (B, C) vector
+            s = self.fc2(F.relu(self.fc1(x.mean((2, 3))), inplace=True))[:, :, None, None]
+        else:
+            s = self.fc2(F.relu(self.fc1(x.mean((2, 3), keepdim=True)), inplace=True))
+        return x * s.sigmoid()
+
+    @torch.no_grad()
+    def fuse(self) -> SqueezeExcite:
+        """The two 1x1 convs on the pooled vector become GEMMs (also in ONNX: a Gemm, no layout
+        reorder around a 1x1 map)."""
+        if not self.fused:
+            self.fc1 = PointwiseConv(self.fc1.weight, self.fc1.bias)
+            self.fc2 = PointwiseConv(self.fc2.weight, self.fc2.bias)
+            self.fused = True
+        return self
 
 
 class PatchMerging(nn.Module):
@@ -111,18 +287,18 @@ class PatchMerging(nn.Module):
         super().__init__()
         hidden = 4 * dim
         self.conv1 = ConvNorm(dim, hidden)
-        self.act = nn.ReLU()
         self.conv2 = ConvNorm(hidden, hidden, 3, 2, 1, groups=hidden)
         self.se = SqueezeExcite(hidden, 0.25)
         self.conv3 = ConvNorm(hidden, out_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.act(self.conv2(self.act(self.conv1(x))))
+        x = F.relu(self.conv2(F.relu(self.conv1(x), inplace=True)), inplace=True)
         return self.conv3(self.se(x))
 
 
-def check_input(x: torch.Tensor, in_chans: int, dtype: torch.dtype) -> None:
-    """Raise ValueError for a batch the network cannot take, saying what to do instead."""
+def check_input(x: torch.Tensor, in_chans: int, dtype: torch.dtype) -> torch.Tensor:
+    """``x``, or ValueError for a batch the network cannot take, saying what to do instead. It returns
+    its input so that a traced graph keeps the check (FX feature extractors drop unused nodes)."""
     if x.dim() != 4:
         raise ValueError(f"expected a batch of images (B, C, H, W), got shape {tuple(x.shape)}; "
                          "add a batch dimension with x.unsqueeze(0)")
@@ -138,6 +314,7 @@ def check_input(x: torch.Tensor, in_chans: int, dtype: torch.dtype) -> None:
     if x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
         raise ValueError(f"images are {x.dtype} but the model's weights are {dtype}; use x.to({dtype}) "
                          "or run under torch.autocast")
+    return x
 
 
 def bias_index(window: int, height: int | None = None, width: int | None = None) -> torch.Tensor:
@@ -154,9 +331,70 @@ def bias_index(window: int, height: int | None = None, width: int | None = None)
     return rel[0] * window + rel[1]
 
 
+def resize_bias_table(table: torch.Tensor, window: int) -> torch.Tensor:
+    """Bicubic resize of a (heads, r*r) relative-position table to (heads, window*window)."""
+    heads, n = table.shape
+    r = int(round(n ** 0.5))
+    if r * r != n:
+        raise ValueError(f"bias table of {n} entries is not square")
+    if r == window:
+        return table
+    grid = table.detach().float().reshape(1, heads, r, r)
+    out = F.interpolate(grid, size=(window, window), mode="bicubic", align_corners=False)
+    return out.reshape(heads, window * window).to(table.dtype)
+
+
+# Shape-dependent steps are plain functions kept whole by torch.fx (symbolic tracing cannot branch on
+# a traced shape), so the model traces for feature extraction as it is.
+def grid_bias(bias: torch.Tensor, window: int, x: torch.Tensor) -> torch.Tensor:
+    """The (heads, N, N) window bias restricted to the tokens of ``x``'s grid: the whole of it for a
+    full window, the sub-grid of offsets for a map smaller than the window."""
+    height, width = x.shape[-2], x.shape[-1]
+    if height == window and width == window:
+        return bias
+    heads = bias.shape[0]
+    sub = bias.view(heads, window, window, window, window)[:, :height, :width, :height, :width]
+    return sub.reshape(heads, height * width, height * width)
+
+
+def window_partition(x: torch.Tensor, window: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B * nh * nw, C, window, window), padding bottom/right with zeros; a map that
+    fits one window is returned as it is. Windows are cut in (B, H, W, C) order: they reach the
+    attention with channels-last strides, as timm's do, so train-mode BN statistics reduce alike."""
+    B, C, H, W = x.shape
+    if H <= window and W <= window:
+        return x
+    pad_b, pad_r = (window - H % window) % window, (window - W % window) % window
+    t = x.permute(0, 2, 3, 1)
+    if pad_b or pad_r:
+        t = F.pad(t, (0, 0, 0, pad_r, 0, pad_b))
+    nh, nw = (H + pad_b) // window, (W + pad_r) // window
+    t = t.reshape(B, nh, window, nw, window, C).transpose(2, 3).reshape(B * nh * nw, window, window, C)
+    return t.permute(0, 3, 1, 2)
+
+
+def window_reverse(y: torch.Tensor, x: torch.Tensor, window: int) -> torch.Tensor:
+    """Inverse of ``window_partition(x, window)`` for the attention output ``y``, cropped to x's map."""
+    B, C, H, W = x.shape
+    if H <= window and W <= window:
+        return y
+    nh, nw = (H + window - 1) // window, (W + window - 1) // window  # ONNX's Div truncates: no -(-H // w)
+    t = y.permute(0, 2, 3, 1).reshape(B, nh, nw, window, window, C).transpose(2, 3)
+    t = t.reshape(B, nh * window, nw * window, C)[:, :H, :W]
+    return t.permute(0, 3, 1, 2)
+
+
+torch.fx.wrap("check_input")
+torch.fx.wrap("grid_bias")
+torch.fx.wrap("window_partition")
+torch.fx.wrap("window_reverse")
+
+
 class CascadedGroupAttention(nn.Module):
     """Attention over one window with heads fed different channel chunks, each head adding the
     previous head's output to its input (the cascade); q gets a depthwise conv per head."""
+
+    __constants__ = ["fused"]  # TorchScript compiles only the branch of the form at hand
 
     def __init__(self, dim: int, num_heads: int, window: int, kernels: tuple[int, ...],
                  key_dim: int = KEY_DIM):
@@ -170,64 +408,125 @@ class CascadedGroupAttention(nn.Module):
         self.val_dim = dim // num_heads
         self.window = window
         self.scale = key_dim ** -0.5
+        self.fused = False
         self.qkvs = nn.ModuleList(
             ConvNorm(self.val_dim, 2 * key_dim + self.val_dim) for _ in range(num_heads))
         self.dws = nn.ModuleList(
             ConvNorm(key_dim, key_dim, k, 1, k // 2, groups=key_dim) for k in kernels[:num_heads])
-        self.proj = nn.Sequential(nn.ReLU(), ConvNorm(self.val_dim * num_heads, dim, bn_weight_init=0.0))
+        # timm's proj is Sequential(ReLU, Conv+BN); the ReLU has no weights, so "1" alone keeps its key names
+        self.proj = nn.ModuleDict({"1": ConvNorm(self.val_dim * num_heads, dim, bn_weight_init=0.0)})
         self.attention_biases = nn.Parameter(torch.zeros(num_heads, window * window))
         self.register_buffer("attention_bias_idxs", bias_index(window), persistent=False)
+        # the inference form's derived tensors, filled by fuse()
+        self.register_buffer("eval_bias", torch.zeros(0), persistent=False)
+        self.register_buffer("qkv_stack", torch.zeros(0), persistent=False)
+        self.register_buffer("qkv_bias", torch.zeros(0), persistent=False)
 
-    def attention_bias(self, height: int, width: int) -> torch.Tensor:
-        """(heads, N, N) bias for a height x width grid, gathered from the live table (never stale)."""
-        if height == self.window and width == self.window:
-            idx = self.attention_bias_idxs
-        else:  # a map smaller than the window: its tokens' sub-grid of offsets
-            idx = bias_index(self.window, height, width).to(self.attention_biases.device)
-        return self.attention_biases[:, idx]
+    def set_window(self, window: int) -> None:
+        """Rebuild for another window size, resizing the bias table (bicubic) when it changes."""
+        if window == self.window:
+            return
+        with torch.no_grad():
+            table = resize_bias_table(self.attention_biases.data, window)
+        self.window = window
+        self.attention_biases = nn.Parameter(table, requires_grad=self.attention_biases.requires_grad)
+        self.attention_bias_idxs = bias_index(window).to(self.attention_biases.device)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, _, H, W = x.shape
-        bias = self.attention_bias(H, W)
-        chunks = x.chunk(self.num_heads, dim=1)
+    def window_bias(self) -> torch.Tensor:
+        """(heads, r*r, r*r) bias of a full window, gathered from the live table (never stale)."""
+        if self.fused:
+            return self.eval_bias
+        return self.attention_biases[:, self.attention_bias_idxs]
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        B, C, H, W = x.shape
+        kd, d, N = self.key_dim, self.val_dim, H * W
+        bias = grid_bias(self.window_bias(), self.window, x)
+        # the fused form runs on tokens (B*N, e), except in an ONNX graph, where NCHW convs run fastest
+        tokens = self.fused and (torch.jit.is_scripting() or not _onnx_exporting())
+        if tokens:  # every head's projection of its own chunk at once, (heads, B*N, e)
+            chunks = torch.baddbmm(self.qkv_bias, _head_tokens(x, self.num_heads), self.qkv_stack).unbind(0)
+        else:
+            chunks = x.chunk(self.num_heads, dim=1)
         outs = []
         feat = chunks[0]
         for i, (qkv, dw) in enumerate(zip(self.qkvs, self.dws)):
-            if i > 0:
-                feat = feat + chunks[i]
-            q, k, v = qkv(feat).split([self.key_dim, self.key_dim, self.val_dim], dim=1)
-            q = dw(q)
-            q, k, v = q.flatten(2), k.flatten(2), v.flatten(2)
-            attn = (q.transpose(-2, -1) @ k) * self.scale + bias[i]
-            feat = (v @ attn.softmax(dim=-1).transpose(-2, -1)).view(B, self.val_dim, H, W)
+            if tokens:
+                # qkv_i(chunk_i + out_{i-1}) = [W_i chunk_i + b_i] + W_i out_{i-1}: bracket batched above
+                t = chunks[i] if i == 0 else torch.addmm(chunks[i], feat, self.qkv_stack[i])
+                q = dw(t[:, :kd].reshape(B, H, W, kd).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).reshape(B, N, kd)
+                t = t.view(B, N, 2 * kd + d)
+                attn = torch.baddbmm(bias[i], q, t[:, :, kd:2 * kd].transpose(1, 2)).softmax(dim=-1)
+                feat = torch.bmm(attn, t[:, :, 2 * kd:]).view(B * N, d)
+            else:
+                if i > 0:
+                    feat = feat + chunks[i]
+                q, k, v = qkv(feat).split([kd, kd, d], dim=1)
+                q, k, v = dw(q).flatten(2), k.flatten(2), v.flatten(2)  # (B, kd | d, N)
+                attn = q.transpose(-2, -1) @ k
+                if not self.fused:  # fused: the scale is inside q's depthwise conv
+                    attn = attn * self.scale
+                attn = attn + bias[i]
+                feat = (v @ attn.softmax(dim=-1).transpose(-2, -1)).view(B, d, H, W)
             outs.append(feat)
-        return self.proj(torch.cat(outs, dim=1))
+        y = F.relu(torch.cat(outs, dim=1), inplace=True)
+        if tokens:  # the projection on tokens too: one layout change, at the end
+            res = None if residual is None else to_tokens(residual)
+            return self.proj["1"](y, res).view(B, H, W, C).permute(0, 3, 1, 2)
+        return self.proj["1"](y, residual)
+
+    @torch.no_grad()
+    def fuse(self) -> CascadedGroupAttention:
+        """Scale into q's depthwise convs; the window bias into a buffer; the heads' qkv weights
+        stacked (heads, d, e) for the batched chunk GEMM (each head's own serves its cascade term)."""
+        if self.fused:
+            return self
+        fuse_children(self)
+        for dw in self.dws:
+            dw.weight.mul_(self.scale)  # 0.25: a power of two, so exact
+            dw.bias.mul_(self.scale)
+        self.eval_bias = self.window_bias().detach().clone()
+        self.qkv_stack = torch.stack([qkv.weight for qkv in self.qkvs])
+        self.qkv_bias = torch.stack([qkv.bias[None] for qkv in self.qkvs])
+        self.fused = True
+        return self
+
+
+def _head_tokens(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(heads, B*H*W, C/heads) token view of channels-last ``x``, each head's chunk a batch entry. The
+    batch stride (C/heads) is smaller than the rows' stride (C); off the CPU the chunks are made dense,
+    since BLAS libraries treat such interleaved batches unevenly."""
+    B, C, H, W = x.shape
+    t = x.permute(0, 2, 3, 1).reshape(B * H * W, heads, C // heads).transpose(0, 1)
+    return t if x.device.type == "cpu" else t.contiguous()
 
 
 class LocalWindowAttention(nn.Module):
     """Cascaded group attention in non-overlapping windows. Maps larger than the window are padded
     bottom/right with zeros (padded tokens are not masked, as in the paper) and partitioned."""
 
+    __constants__ = ["skip"]
+
     def __init__(self, dim: int, num_heads: int, resolution: int, kernels: tuple[int, ...],
                  window: int = WINDOW):
         super().__init__()
+        self.window_size = window
         self.window = min(window, resolution)
         self.attn = CascadedGroupAttention(dim, num_heads, self.window, kernels)
+        self.skip = False  # set by Residual.fuse: add the input here
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, C, H, W = x.shape
-        r = self.window
-        if H <= r and W <= r:
-            return self.attn(x)
-        pad_b, pad_r = (r - H % r) % r, (r - W % r) % r
-        nh, nw = (H + pad_b) // r, (W + pad_r) // r
-        # Partition in (B, H, W, C): the windows reach the attention with channels-last strides, the
-        # layout timm uses too, so train-mode BN statistics reduce in the same order (parity to 1e-5).
-        x = F.pad(x.permute(0, 2, 3, 1), (0, 0, 0, pad_r, 0, pad_b))
-        x = x.reshape(B, nh, r, nw, r, C).transpose(2, 3).reshape(B * nh * nw, r, r, C).permute(0, 3, 1, 2)
-        x = self.attn(x).permute(0, 2, 3, 1)
-        x = x.reshape(B, nh, nw, r, r, C).transpose(2, 3).reshape(B, nh * r, nw * r, C)
-        return x[:, :H, :W].permute(0, 3, 1, 2)
+    def set_resolution(self, resolution: int) -> None:
+        self.window = min(self.window_size, resolution)
+        self.attn.set_window(self.window)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        if self.skip:
+            residual = x
+        windows = window_partition(x, self.window)
+        if windows is x:  # one window: the output projection takes the skip connection itself
+            return self.attn(x, residual)
+        y = window_reverse(self.attn(windows), x, self.window)
+        return y if residual is None else residual + y
 
 
 class EfficientVitBlock(nn.Module):
@@ -244,6 +543,12 @@ class EfficientVitBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.ffn1(self.dw1(self.mixer(self.ffn0(self.dw0(x)))))
 
+    def fuse(self) -> EfficientVitBlock:
+        fuse_children(self)
+        fold_ffn_bias(self.dw0, self.ffn0)
+        fold_ffn_bias(self.dw1, self.ffn1)
+        return self
+
 
 class Downsample(nn.Module):
     """In front of stages 2 and 3: [DW, FFN] at the old width, PatchMerging, [DW, FFN] at the new."""
@@ -257,6 +562,12 @@ class Downsample(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.res2(self.patchmerge(self.res1(x)))
 
+    def fuse(self) -> Downsample:
+        fuse_children(self)
+        fold_ffn_bias(self.res1[0], self.res1[1])
+        fold_ffn_bias(self.res2[0], self.res2[1])
+        return self
+
 
 class EfficientVitStage(nn.Module):
     def __init__(self, in_dim: int, dim: int, depth: int, num_heads: int, resolution: int,
@@ -266,6 +577,11 @@ class EfficientVitStage(nn.Module):
         self.blocks = nn.Sequential(*(EfficientVitBlock(dim, num_heads, resolution, kernels)
                                       for _ in range(depth)))
         self.grad_checkpointing = False
+
+    def set_resolution(self, resolution: int) -> None:
+        for block in self.blocks:
+            mixer = block.mixer  # Residual(LocalWindowAttention), or the attention itself once fused
+            (mixer.m if isinstance(mixer, Residual) else mixer).set_resolution(resolution)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.downsample(x)
@@ -277,22 +593,23 @@ class EfficientVitStage(nn.Module):
 
 
 class PatchEmbed(nn.Module):
-    """Overlapping patch embedding: four 3x3 stride-2 Conv+BN, ReLU between them."""
+    """Overlapping patch embedding: four 3x3 stride-2 Conv+BN, ReLU between them. Checks the input,
+    since every way into the network (classifier, feature extractors) starts here."""
 
     def __init__(self, in_chans: int, dim: int):
         super().__init__()
+        self.in_chans = in_chans
         self.conv1 = ConvNorm(in_chans, dim // 8, 3, 2, 1)
-        self.relu1 = nn.ReLU()
         self.conv2 = ConvNorm(dim // 8, dim // 4, 3, 2, 1)
-        self.relu2 = nn.ReLU()
         self.conv3 = ConvNorm(dim // 4, dim // 2, 3, 2, 1)
-        self.relu3 = nn.ReLU()
         self.conv4 = ConvNorm(dim // 2, dim, 3, 2, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.relu1(self.conv1(x))
-        x = self.relu2(self.conv2(x))
-        x = self.relu3(self.conv3(x))
+        if not torch.jit.is_scripting() and not torch.jit.is_tracing():  # traced: checked once
+            x = check_input(x, self.in_chans, next(self.conv1.parameters()).dtype)
+        x = F.relu(self.conv1(x), inplace=True)
+        x = F.relu(self.conv2(x), inplace=True)
+        x = F.relu(self.conv3(x), inplace=True)
         return self.conv4(x)
 
 
@@ -323,6 +640,9 @@ VARIANTS: dict[str, VariantConfig] = {
 def stage_resolutions(img_size: int | tuple[int, int]) -> list[tuple[int, int]]:
     """Feature-map sizes of the three stages: ceil(side / 16), then halved (rounding up) twice."""
     h, w = _pair(img_size)
+    if h < PATCH_SIZE or w < PATCH_SIZE:
+        raise ValueError(f"img_size {h}x{w} is smaller than one {PATCH_SIZE}x{PATCH_SIZE} patch of the stem; "
+                         f"use at least {PATCH_SIZE} px a side (224 for the released weights)")
     res = [(math.ceil(h / PATCH_SIZE), math.ceil(w / PATCH_SIZE))]
     for _ in range(2):
         res.append(((res[-1][0] + 1) // 2, (res[-1][1] + 1) // 2))
@@ -330,21 +650,27 @@ def stage_resolutions(img_size: int | tuple[int, int]) -> list[tuple[int, int]]:
 
 
 class EfficientVitMsra(nn.Module):
-    """EfficientViT-M classifier; ``forward_features`` gives the stride-64 map, ``forward_head`` the logits."""
+    """EfficientViT-M classifier with timm's model interface: ``forward_features`` gives the stride-64
+    map, ``forward_head`` the logits, ``forward_intermediates`` the stage maps."""
 
     def __init__(self, variant: str = "efficientvit_m0", num_classes: int = 1000, in_chans: int = 3,
-                 img_size: int | tuple[int, int] = 224, distillation: bool = False):
+                 img_size: int | tuple[int, int] = 224, global_pool: str = "avg", drop_rate: float = 0.0,
+                 distillation: bool = False, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None):
         super().__init__()
         if variant not in VARIANTS:
             raise ValueError(f"unknown variant {variant!r}; choose one of {sorted(VARIANTS)}")
         if in_chans < 1:
             raise ValueError(f"in_chans must be >= 1, got {in_chans}")
+        if num_classes > 0 and not global_pool:
+            raise ValueError("a classifier needs pooled features: pass global_pool='avg' or num_classes=0")
         cfg = VARIANTS[variant]
         self.variant = variant
         self.cfg = cfg
         self.in_chans = in_chans
         self.img_size = _pair(img_size)
         self.num_classes = num_classes
+        self.drop_rate = drop_rate
         self.num_features = cfg.widths[-1]
         self.distillation = distillation
         resolutions = stage_resolutions(self.img_size)
@@ -358,17 +684,30 @@ class EfficientVitMsra(nn.Module):
         self.stages = nn.Sequential(*stages)
         self.feature_info = [dict(num_chs=dim, reduction=PATCH_SIZE * 2 ** i, module=f"stages.{i}")
                              for i, dim in enumerate(cfg.widths)]
+        self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
+        self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
         self.head = self._make_head(num_classes)
         self.head_dist = self._make_head(num_classes) if distillation else None
+        if device is not None or dtype is not None:
+            self.to(device=device, dtype=dtype)
 
     def _make_head(self, num_classes: int) -> nn.Module:
-        return NormLinear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        if num_classes <= 0:
+            return nn.Identity()
+        return NormLinear(self.head_hidden_size, num_classes, drop=self.drop_rate)
 
-    # -- timm conventions --------------------------------------------------------------------------
+    # -- timm's model interface ------------------------------------------------------------------------
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
         """Parameter names excluded from weight decay besides 1-D ones: the relative-position tables."""
         return {n for n, _ in self.named_parameters() if n.endswith("attention_biases")}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict:
+        """Parameter groups for layer-wise lr decay (``timm.optim``): stem, then stages or blocks."""
+        return dict(stem=r"^patch_embed",
+                    blocks=r"^stages\.(\d+)" if coarse else [(r"^stages\.(\d+)\.downsample", (0,)),
+                                                             (r"^stages\.(\d+)\.blocks\.(\d+)", None)])
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -377,33 +716,75 @@ class EfficientVitMsra(nn.Module):
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
-        return self.head
+        """The final linear layer (timm's convention), or the identity of a headless model."""
+        head = self.head
+        return head.linear if isinstance(head, NormLinear) else head
 
-    def reset_classifier(self, num_classes: int) -> None:
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """A new head (and optionally pooling), on the model's device and dtype and in its mode."""
+        if global_pool is not None:
+            self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
+        if num_classes > 0 and not self.global_pool.pool_type:
+            raise ValueError("a classifier needs pooled features: pass global_pool='avg' or num_classes=0")
+        self.head_hidden_size = self.num_features * self.global_pool.feat_mult()
         self.num_classes = num_classes
-        self.head = self._make_head(num_classes)
+        ref = self.patch_embed.conv4
+        p = next(ref.parameters())
+        self.head = self._make_head(num_classes).to(p.device, p.dtype).train(self.training)
         if self.head_dist is not None:
-            self.head_dist = self._make_head(num_classes)
+            self.head_dist = self._make_head(num_classes).to(p.device, p.dtype).train(self.training)
 
-    # -- forward -----------------------------------------------------------------------------------
+    def set_input_size(self, img_size: int | tuple[int, int]) -> None:
+        """Rebuild the windows for another input size; bias tables are resized (bicubic) where a
+        window changes. Other sizes run without this too: it sets the windows a size is trained with."""
+        self.img_size = _pair(img_size)
+        for stage, res in zip(self.stages, stage_resolutions(self.img_size)):
+            stage.set_resolution(max(res))
+        cfg = getattr(self, "pretrained_cfg", None)
+        if isinstance(cfg, dict):
+            cfg["input_size"] = (self.in_chans, *self.img_size)
+
+    @torch.jit.ignore
+    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """Drop the stages after the last one ``indices`` asks for (and the head)."""
+        take, last = feature_take_indices(len(self.stages), indices)
+        if last < len(self.stages) - 1:
+            self.stages = self.stages[: last + 1]
+            self.num_features = self.feature_info[last]["num_chs"]
+            prune_head = True
+        if prune_head:
+            self.head_dist = None
+            self.reset_classifier(0, "")
+        return take
+
+    # -- forward ---------------------------------------------------------------------------------------
+    def forward_intermediates(self, x: torch.Tensor, indices: int | list[int] | None = None,
+                              norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW",
+                              intermediates_only: bool = False
+                              ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """The stage maps selected by ``indices`` (the last n for an int, all for None), and unless
+        ``intermediates_only`` the final features as well. ``norm`` is accepted for timm's interface:
+        the network has no final norm."""
+        if output_fmt != "NCHW":
+            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
+        take, last = feature_take_indices(len(self.stages), indices)
+        x = self.patch_embed(x)
+        stages = self.stages if torch.jit.is_scripting() or not stop_early else self.stages[: last + 1]
+        intermediates = []
+        for i, stage in enumerate(stages):
+            x = stage(x)
+            if i in take:
+                intermediates.append(x)
+        if intermediates_only:
+            return intermediates
+        return x, intermediates
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.jit.is_scripting() and not torch.jit.is_tracing():  # traced: checked once
-            check_input(x, self.in_chans, self.patch_embed.conv1.conv.weight.dtype)
         return self.stages(self.patch_embed(x))
 
-    def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """The three stage maps (strides 16, 32, 64) for dense tasks."""
-        if not torch.jit.is_scripting() and not torch.jit.is_tracing():  # traced: checked once
-            check_input(x, self.in_chans, self.patch_embed.conv1.conv.weight.dtype)
-        x = self.patch_embed(x)
-        feats = []
-        for stage in self.stages:
-            x = stage(x)
-            feats.append(x)
-        return feats
-
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False):
-        x = x.mean((2, 3))
+        x = self.global_pool(x)
         if pre_logits:
             return x
         if self.head_dist is None:
@@ -416,29 +797,40 @@ class EfficientVitMsra(nn.Module):
     def forward(self, x: torch.Tensor):
         return self.forward_head(self.forward_features(x))
 
+    @torch.no_grad()
+    def fuse(self) -> EfficientVitMsra:
+        """Every module folded; the distillation heads average into one linear (eval returns their mean);
+        the average pool a plain mean (in ONNX a ReduceMean, which needs no layout reorder)."""
+        fuse_children(self)
+        if self.global_pool.pool_type == "avg":
+            self.global_pool = SelectAdaptivePool2d(pool_type="fast", flatten=True)
+        if isinstance(self.head, nn.Linear) and isinstance(self.head_dist, nn.Linear):
+            self.head.weight.copy_((self.head.weight.double() + self.head_dist.weight.double()) / 2)
+            self.head.bias.copy_((self.head.bias.double() + self.head_dist.bias.double()) / 2)
+            self.head_dist = None
+        return self
 
-class FeatureExtractor(nn.Module):
-    """``features_only=True``: the stage maps selected by ``out_indices``, no head."""
 
-    def __init__(self, model: EfficientVitMsra, out_indices: tuple[int, ...] = (0, 1, 2)):
-        super().__init__()
-        for i in out_indices:
-            if i not in (0, 1, 2):
-                raise ValueError(f"out_indices must be among (0, 1, 2) (strides 16, 32, 64), got {out_indices}")
-        last = max(out_indices)
-        self.out_indices = tuple(out_indices)
-        self.in_chans = model.in_chans
-        self.patch_embed = model.patch_embed
-        self.stages = nn.Sequential(*list(model.stages)[: last + 1])
-        self.feature_info = [model.feature_info[i] for i in out_indices]
+@torch.no_grad()
+def is_fused(model: nn.Module) -> bool:
+    """Whether ``model`` is (or holds) an inference form made by ``fuse``."""
+    return any(isinstance(m, PointwiseConv) for m in model.modules())
 
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        if not torch.jit.is_scripting() and not torch.jit.is_tracing():  # traced: checked once
-            check_input(x, self.in_chans, self.patch_embed.conv1.conv.weight.dtype)
-        x = self.patch_embed(x)
-        feats = []
-        for i, stage in enumerate(self.stages):
-            x = stage(x)
-            if i in self.out_indices:
-                feats.append(x)
-        return feats
+
+def fuse(model: nn.Module) -> nn.Module:
+    """The inference form of ``model`` (a classifier or a ``features_only`` extractor): a folded copy
+    with the same outputs (fp32 differences are rounding only), in eval mode, without gradients, in
+    channels-last memory. The source model is read, never modified."""
+    if not any(isinstance(m, (ConvNorm, PointwiseConv)) for m in model.modules()):
+        raise ValueError(f"fuse expects an EfficientViT-M model (effvit.create_model), got "
+                         f"{type(model).__name__}")
+    fused = copy.deepcopy(model).eval()
+    fold = getattr(fused, "fuse", None)
+    if callable(fold):
+        fused = fold()
+    else:
+        fuse_children(fused)
+    fused.to(memory_format=torch.channels_last)
+    for p in fused.parameters():
+        p.requires_grad_(False)
+    return fused

@@ -1,19 +1,27 @@
-"""Per-model metadata, torchvision-style: what a checkpoint expects at its input and what it outputs."""
+"""Per-model metadata in timm's form (``timm.models.PretrainedCfg``): where the weights are, how to feed
+the network (input size, normalisation, interpolation, crop) and what it outputs (classes, names).
+
+A model's ``pretrained_cfg`` describes that model as built: a checkpoint's own metadata (a Fashion-MNIST
+run's grey 112 px input and ten names, say) replaces the ImageNet defaults, and building with other
+classes, channels or size adjusts the config, so ``timm.data.resolve_model_data_config(model)`` always
+gives the transform the model wants.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
 from functools import lru_cache
 
-from torch import nn
+from timm.models import PretrainedCfg
 
 from .efficientvit import IMAGENET_MEAN, IMAGENET_STD, VARIANTS
 
+TAG = "r224_in1k"
 # Official release (microsoft/Cream EfficientViT, MIT licence); timm mirrors the same tensors as
-# timm/efficientvit_m{0..5}.r224_in1k. The SHA-256 of the files is not pinned yet: they could not be
-# fetched where this table was written. Until it is, pass pretrained_sha256= to have downloads checked.
+# timm/efficientvit_m{0..5}.r224_in1k. Their SHA-256 are not pinned: the files could not be fetched where
+# this table was written; pass pretrained_sha256= to have a download checked.
 RELEASE_URL = "https://github.com/xinyuliu-jeffrey/EfficientViT_Model_Zoo/releases/download/v1.0/{}.pth"
+PAPER = "EfficientViT: Memory Efficient Vision Transformer with Cascaded Group Attention"
 
 
 @lru_cache(maxsize=1)
@@ -24,38 +32,55 @@ def imagenet_categories() -> tuple[str, ...]:
     return tuple(ResNet18_Weights.IMAGENET1K_V1.meta["categories"])
 
 
-@dataclass(frozen=True)
-class PretrainedCfg:
-    architecture: str
-    url: str
-    sha256: str | None
-    input_size: tuple[int, int, int] = (3, 224, 224)
-    mean: tuple[float, ...] = IMAGENET_MEAN
-    std: tuple[float, ...] = IMAGENET_STD
-    interpolation: str = "bicubic"
-    crop_pct: float = 0.875  # resize 256, centre crop 224
-    num_classes: int = 1000
-    top1: float = 0.0
-    top5: float = 0.0
-    license: str = "mit"
-    class_names: tuple[str, ...] | None = field(default=None, repr=False)
-
-    def for_model(self, model: nn.Module) -> PretrainedCfg:
-        """This config adjusted to a model built with other classes, channels or input size."""
-        h, w = model.img_size
-        names = self.class_names if model.num_classes == self.num_classes else None
-        return dataclasses.replace(self, input_size=(model.in_chans, h, w), num_classes=model.num_classes,
-                                   class_names=names)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-def pretrained_cfg(name: str) -> PretrainedCfg:
-    v = VARIANTS[name]
+def default_cfg(variant: str) -> PretrainedCfg:
+    """The released ImageNet-1k weights of ``variant`` and the paper's evaluation transform."""
     try:
         names = imagenet_categories()
     except Exception:  # torchvision missing or changed: names are a convenience, not a requirement
         names = None
-    return PretrainedCfg(architecture=name, url=RELEASE_URL.format(name), sha256=None, top1=v.top1,
-                         top5=v.top5, class_names=names)
+    v = VARIANTS[variant]
+    return PretrainedCfg(
+        architecture=variant, tag=TAG, url=RELEASE_URL.format(variant), hf_hub_id=f"timm/{variant}.{TAG}",
+        input_size=(3, 224, 224), interpolation="bicubic", crop_pct=0.875, crop_mode="center",
+        mean=IMAGENET_MEAN, std=IMAGENET_STD, num_classes=1000, label_names=names,
+        first_conv="patch_embed.conv1.conv", classifier="head.linear", pool_size=(4, 4), license="mit",
+        paper_name=PAPER, paper_ids="arXiv:2305.07027",
+        origin_url="https://github.com/microsoft/Cream/tree/main/EfficientViT",
+        notes=(f"ImageNet-1k top-1 {v.top1}, top-5 {v.top5} (paper)",))
+
+
+# checkpoint metadata key -> PretrainedCfg field
+_META_FIELDS = {"mean": "mean", "std": "std", "interpolation": "interpolation", "crop_pct": "crop_pct",
+                "class_names": "label_names"}
+
+
+def cfg_from_meta(cfg: PretrainedCfg, meta: dict, num_classes: int, in_chans: int) -> PretrainedCfg:
+    """``cfg`` for a checkpoint with ``num_classes`` outputs and ``in_chans`` inputs, its metadata (written
+    by effvit's training and ``save_checkpoint``) taking precedence."""
+    changes: dict = {"num_classes": num_classes}
+    if num_classes != cfg.num_classes:
+        changes["label_names"] = None
+    size = meta.get("img_size")
+    h, w = (size, size) if isinstance(size, int) else (tuple(size) if size else cfg.input_size[1:])
+    changes["input_size"] = (in_chans, int(h), int(w))
+    for key, field in _META_FIELDS.items():
+        if meta.get(key) is not None:
+            value = meta[key]
+            changes[field] = tuple(value) if isinstance(value, list) else value
+    if meta.get("arch") and meta["arch"] != cfg.architecture:
+        changes["tag"] = None  # weights of our own training, not the release
+    return dataclasses.replace(cfg, **changes)
+
+
+def cfg_for_model(cfg: dict, num_classes: int, in_chans: int, img_size: tuple[int, int]) -> dict:
+    """A copy of the ``cfg`` dict adjusted to a model built with other classes, channels or size."""
+    cfg = dict(cfg)
+    if num_classes != cfg.get("num_classes"):
+        cfg["label_names"] = None
+    cfg["num_classes"] = num_classes
+    cfg["input_size"] = (in_chans, *img_size)
+    for key in ("mean", "std"):  # one statistic per channel: grey from RGB is their mean, RGB from grey repeats
+        stats = tuple(cfg[key])
+        if len(stats) != in_chans:
+            cfg[key] = stats * in_chans if len(stats) == 1 else (sum(stats) / len(stats),) * in_chans
+    return {k: v for k, v in cfg.items() if v is not None}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import json
 import os
 import re
 import urllib.request
@@ -18,11 +19,10 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .efficientvit import VARIANTS
+from .efficientvit import VARIANTS, is_fused, resize_bias_table
 
 FORMAT_TAG = "effvit-checkpoint-v1"
 
@@ -155,17 +155,40 @@ def _read_file(path: Path) -> Mapping:
         raise describe_load_error(path, e) from None
 
 
-def read_checkpoint(source: str | Path, sha256: str | None = None) -> tuple[dict[str, torch.Tensor], dict]:
-    """(state dict in timm layout, metadata) from a path or URL in any supported layout."""
+def _safetensors_meta(path: Path) -> dict:
+    """The metadata ``save_checkpoint`` writes into a .safetensors header (JSON values)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        raw = f.metadata() or {}
+    meta = {}
+    for k, v in raw.items():
+        try:
+            meta[k] = json.loads(v)
+        except ValueError:  # a plain string (other writers, e.g. timm's "format": "pt")
+            meta[k] = v
+    return meta
+
+
+def read_checkpoint(source: str | Path, sha256: str | None = None,
+                    use_ema: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
+    """(state dict in timm layout, metadata) from a path or URL in any layout effvit reads or writes: the
+    official release, timm's .pth/.safetensors, effvit checkpoints (.pth or .safetensors, with metadata)
+    and training checkpoints (their EMA weights with ``use_ema``)."""
     source = str(source)
-    path = download(source, sha256) if re.match(r"^(https?|file)://", source) else Path(source)
-    if sha256 and not re.match(r"^(https?|file)://", source) and _sha256(path) != sha256.lower():
+    is_url = re.match(r"^(https?|file)://", source) is not None
+    path = download(source, sha256) if is_url else Path(source)
+    if sha256 and not is_url and _sha256(path) != sha256.lower():
         raise ValueError(f"SHA-256 mismatch for {path}: expected {sha256}")
     obj = _read_file(path)
-    meta: dict = {}
+    meta: dict = _safetensors_meta(path) if path.suffix == ".safetensors" else {}
     if isinstance(obj, Mapping) and obj.get("format") == FORMAT_TAG:
         meta = dict(obj.get("meta", {}))
-        obj = obj["state_dict"]
+        if use_ema and not obj.get("ema"):
+            raise ValueError(f"{source} has no EMA weights (trained with ema.enabled=false); drop --ema")
+        obj = obj["ema"] if use_ema else obj["state_dict"]
+    elif use_ema:
+        raise ValueError(f"{source} is not a training checkpoint, so it has no EMA weights; drop --ema")
     elif isinstance(obj, Mapping):
         for key in ("state_dict", "model"):  # official: {'model': sd}; trainers: {'state_dict': sd}
             if key in obj and isinstance(obj[key], Mapping):
@@ -252,17 +275,6 @@ def detect_variant(sd: Mapping[str, torch.Tensor]) -> str | None:
     return None
 
 
-def resize_bias_table(table: torch.Tensor, window: int) -> torch.Tensor:
-    """Bicubic resize of a (heads, r*r) relative-position table to (heads, window*window)."""
-    heads, n = table.shape
-    r = int(round(n ** 0.5))
-    if r * r != n:
-        raise ValueError(f"bias table of {n} entries is not square")
-    grid = table.detach().float().reshape(1, heads, r, r)
-    out = F.interpolate(grid, size=(window, window), mode="bicubic", align_corners=False)
-    return out.reshape(heads, window * window).to(table.dtype)
-
-
 def fit_state_dict(model: nn.Module, sd: Mapping[str, torch.Tensor], strict_head: bool = True,
                    source: str = "checkpoint") -> dict[str, torch.Tensor]:
     """Adapt ``sd`` to ``model``: resize bias tables, adapt the first conv to other input channels and,
@@ -285,6 +297,8 @@ def fit_state_dict(model: nn.Module, sd: Mapping[str, torch.Tensor], strict_head
             del sd[k]
     if "head_dist.linear.weight" in sd and "head_dist.linear.weight" not in target:
         sd = {k: v for k, v in sd.items() if not k.startswith("head_dist.")}  # a distilled checkpoint
+    if "head.linear.weight" not in target:  # a headless model (num_classes=0) takes the trunk only
+        sd = {k: v for k, v in sd.items() if not k.startswith(("head.", "head_dist."))}
     if not strict_head:
         for k in target:
             if k.startswith(("head.", "head_dist.")):
@@ -318,18 +332,27 @@ def load_checkpoint(model: nn.Module, source: str | Path, sha256: str | None = N
 # -- writing ---------------------------------------------------------------------------------------
 def save_checkpoint(model: nn.Module, path: str | Path, meta: dict | None = None) -> Path:
     """Write the model's weights in timm layout: ``.safetensors`` (loadable by timm as is) or an effvit
-    ``.pth`` with metadata (architecture, classes, input size). Written atomically."""
+    ``.pth``, both with metadata (architecture, classes and their names, input size and channels,
+    normalisation) that ``effvit.load_model`` reads back. Written atomically."""
+    if is_fused(model):
+        raise ValueError("this is a fused (inference-only) model, whose weights are folded; save the model "
+                         "before effvit.fuse, and fuse again after loading")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    cfg = getattr(model, "pretrained_cfg", None) or {}
     meta = {"arch": getattr(model, "variant", None), "num_classes": getattr(model, "num_classes", None),
             "img_size": list(getattr(model, "img_size", ())), "in_chans": getattr(model, "in_chans", None),
+            "distillation": getattr(model, "distillation", False),
+            **{k: cfg[f] for k, f in (("mean", "mean"), ("std", "std"), ("interpolation", "interpolation"),
+                                      ("crop_pct", "crop_pct"), ("class_names", "label_names")) if cfg.get(f)},
             **(meta or {})}
+    meta = {k: list(v) if isinstance(v, tuple) else v for k, v in meta.items()}
     tmp = path.with_name(path.name + ".tmp")
     if path.suffix == ".safetensors":
         from safetensors.torch import save_file
 
-        save_file(sd, str(tmp), metadata={k: str(v) for k, v in meta.items()})
+        save_file(sd, str(tmp), metadata={k: json.dumps(v) for k, v in meta.items()})
     else:
         torch.save({"format": FORMAT_TAG, "state_dict": sd, "meta": meta}, tmp)
     os.replace(tmp, path)

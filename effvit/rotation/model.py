@@ -21,6 +21,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from effvit.models.weights import read_checkpoint
+
 from .methods import RotationMethod, get_method, mlp_head, wrap180, wrap360
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "assets" / "rotation_lite0_photos.safetensors"
@@ -52,7 +54,7 @@ def build_backbone(name: str, num_classes: int, img_size: int, in_chans: int,
 
         model = create_model(eff, pretrained=pretrained or False, num_classes=num_classes, img_size=img_size,
                              in_chans=in_chans)
-        return model, {"mean": model.pretrained_cfg.mean, "std": model.pretrained_cfg.std}
+        return model, {"mean": model.pretrained_cfg["mean"], "std": model.pretrained_cfg["std"]}
     import timm
     from timm.data import resolve_model_data_config
 
@@ -193,22 +195,16 @@ def load_rotation_model(path: str | Path | None = None, device: str | torch.devi
         hint = (" (the bundled model is missing from this install: reinstall effvit or pass --model)"
                 if path == DEFAULT_MODEL else "")
         raise FileNotFoundError(f"rotation model not found: {path}{hint}")
+    sd, meta = read_checkpoint(path, use_ema=use_ema)
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            sd = load_file(str(path))
-        except Exception as e:  # safetensors' own error type
-            raise ValueError(f"{path} is not a readable safetensors file ({e}); it may be truncated or "
-                             "corrupt: export it again (effvit rotation export)") from None
-        try:
-            cfg = read_rotation_config(path)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is a damaged rotation model: its config is not valid JSON ({e})") from None
+        if _META_KEY not in meta:
+            raise ValueError(f"{path} is not an effvit rotation model (no '{_META_KEY}' metadata); train "
+                             "one with `effvit rotation train` or export it with save_rotation_model")
+        cfg = meta[_META_KEY]
+        if not isinstance(cfg, dict):
+            raise ValueError(f"{path} is a damaged rotation model: its config is not valid JSON; export it "
+                             "again (effvit rotation export)")
     else:
-        from effvit.train.checkpoint import load_weights
-
-        sd, meta = load_weights(path, use_ema=use_ema)
         if "rotation" not in meta:
             raise ValueError(f"{path} is not a rotation checkpoint (its meta has no 'rotation' config); "
                              "train one with `effvit rotation train`")

@@ -10,7 +10,7 @@ Public API (stable; see docs/training.md):
 - ``build_classification_task(cfg)``: data, model, criterion and metrics of an image classifier.
 """
 
-from .checkpoint import load_training_state, load_weights
+from .checkpoint import load_training_state
 from .classification import ClassificationTask, build_classification_task
 from .config import Config, load_config, packaged_configs
 from .data import FashionMNIST, ImageFolder, Unreadable, build_loader, build_transform, skip_collate
@@ -30,4 +30,4 @@ from .task import Task
 __all__ = ["Task", "ClassificationTask", "build_classification_task", "train", "launch", "train_step", "evaluate",
            "TrainResult", "EvalResult", "NonFiniteLossError", "Config", "load_config", "packaged_configs",
            "FashionMNIST", "ImageFolder", "Unreadable", "build_loader", "build_transform", "skip_collate",
-           "DistContext", "init_distributed", "seed_everything", "load_training_state", "load_weights"]
+           "DistContext", "init_distributed", "seed_everything", "load_training_state"]

@@ -170,30 +170,6 @@ def load_training_state(path: str | Path) -> dict:
     return state
 
 
-def load_weights(path: str | Path, use_ema: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
-    """(state dict, meta) of a training checkpoint (its EMA weights if ``use_ema``), or of any weights file
-    ``read_checkpoint`` understands."""
-    from effvit.models.weights import read_checkpoint
-
-    path = Path(path)
-    if path.suffix != ".safetensors" and path.is_file():
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:
-            state = None
-        if isinstance(state, dict) and state.get("format") == FORMAT_TAG:
-            meta = dict(state.get("meta", {}))
-            if use_ema:
-                if not state.get("ema"):
-                    raise ValueError(f"{path} has no EMA weights (trained with ema.enabled=false); "
-                                     "drop --ema")
-                return dict(state["ema"]), meta
-            return dict(state["state_dict"]), meta
-    if use_ema:
-        raise ValueError(f"{path} is not a training checkpoint, so it has no EMA weights; drop --ema")
-    return read_checkpoint(path)
-
-
 def check_same_arch(meta: dict, model: nn.Module, source: str) -> None:
     want, found = getattr(model, "variant", None), meta.get("arch")
     if want and found and want != found:
