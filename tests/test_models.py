@@ -235,3 +235,9 @@ def test_bad_inputs_raise_clear_value_errors(x, match):
     feats = effvit.create_model("efficientvit_m0", features_only=True).eval()
     with pytest.raises(ValueError, match=match):
         feats(x)
+
+
+@pytest.mark.parametrize("size", [0, 8, (224, 0)])
+def test_building_below_one_patch_is_refused_clearly(size):
+    with pytest.raises(ValueError, match="smaller than one 16x16 patch"):
+        effvit.create_model("efficientvit_m0", img_size=size)
