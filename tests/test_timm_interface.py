@@ -135,8 +135,25 @@ def test_fx_feature_extraction_equals_the_stage_outputs():
     for key, ref in zip(("s0", "s1", "s2"), want, strict=True):
         torch.testing.assert_close(out[key], ref, rtol=0, atol=0)
     torch.testing.assert_close(out["logits"], model(x), rtol=0, atol=0)
-    with pytest.raises(ValueError, match="input channels"):  # the check still runs in the traced graph
-        fx(_x(1, 1, 224, 224))
+    scripted = torch.jit.script(torch.fx.symbolic_trace(model))  # timm's FX + TorchScript path
+    torch.testing.assert_close(scripted(x), model(x), rtol=0, atol=1e-6)
+
+
+@torch.no_grad()
+def test_checkpoint_filter_fn_and_set_input_size_as_timm_uses_them():
+    """timm's pretrained load at another size goes through the module's checkpoint_filter_fn."""
+    from effvit.models.efficientvit import checkpoint_filter_fn
+
+    torch.manual_seed(0)
+    model = randomize(effvit.create_model("efficientvit_m0", num_classes=5)).eval()
+    at_256 = effvit.create_model("efficientvit_m0", num_classes=5, img_size=256).eval()
+    at_256.load_state_dict(checkpoint_filter_fn(model.state_dict(), at_256))
+    model.set_input_size(img_size=(256, 256))
+    model.set_input_size()  # None keeps the size
+    x = _x(1, 3, 256, 256)
+    torch.testing.assert_close(model(x), at_256(x), rtol=0, atol=0)
+    attn = model.stages[0].blocks[0].mixer.m.attn
+    torch.testing.assert_close(attn.get_attention_biases(x.device), attn.attention_biases[:, attn.attention_bias_idxs])
 
 
 def test_classifier_interface_and_layer_decay():

@@ -25,8 +25,6 @@ Differences from the official code and timm, all output-preserving where those w
 - bad inputs raise ``ValueError`` that says what to do.
 """
 
-from __future__ import annotations
-
 import copy
 import math
 from dataclasses import dataclass
@@ -36,7 +34,9 @@ import torch.fx
 import torch.nn.functional as F
 from timm.layers import SelectAdaptivePool2d
 from timm.models._features import feature_take_indices
+from timm.models._input import update_model_input_size
 from torch import nn
+from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 from torch.utils.checkpoint import checkpoint
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -56,11 +56,16 @@ def _make_divisible(v: float, divisor: int = 8) -> int:
 
 
 @torch.jit.unused
-def _onnx_exporting():
-    # type: () -> bool
-    # (a type comment: TorchScript cannot resolve a postponed annotation on an unused function). Both ONNX
-    # exporters trace or compile; the cheap test first, since is_in_onnx_export costs imports per call.
+def _onnx_exporting() -> bool:
+    # both ONNX exporters trace or compile: the cheap test first, is_in_onnx_export costs imports per call
     return (torch.jit.is_tracing() or torch.compiler.is_compiling()) and torch.onnx.is_in_onnx_export()
+
+
+@torch.jit.unused
+def _graph_capture() -> bool:
+    # torch.jit.trace or torch.fx (timm's and torchvision's feature extractors): a Python-side check
+    # would either become a constant or a node that TorchScript cannot compile from an FX graph
+    return torch.jit.is_tracing() or is_fx_symbolic_tracing()
 
 
 @torch.no_grad()
@@ -221,7 +226,7 @@ class ConvMlp(nn.Module):
                 return y.view(B, H, W, C).permute(0, 3, 1, 2)
         return self.pw2(F.relu(self.pw1(x), inplace=True), residual)
 
-    def fuse(self) -> ConvMlp:
+    def fuse(self) -> "ConvMlp":
         fuse_children(self)
         self.fused = True
         return self
@@ -270,7 +275,7 @@ class SqueezeExcite(nn.Module):
         return x * s.sigmoid()
 
     @torch.no_grad()
-    def fuse(self) -> SqueezeExcite:
+    def fuse(self) -> "SqueezeExcite":
         """The two 1x1 convs on the pooled vector become GEMMs (also in ONNX: a Gemm, no layout
         reorder around a 1x1 map)."""
         if not self.fused:
@@ -297,8 +302,7 @@ class PatchMerging(nn.Module):
 
 
 def check_input(x: torch.Tensor, in_chans: int, dtype: torch.dtype) -> torch.Tensor:
-    """``x``, or ValueError for a batch the network cannot take, saying what to do instead. It returns
-    its input so that a traced graph keeps the check (FX feature extractors drop unused nodes)."""
+    """``x``, or ValueError for a batch the network cannot take, saying what to do instead."""
     if x.dim() != 4:
         raise ValueError(f"expected a batch of images (B, C, H, W), got shape {tuple(x.shape)}; "
                          "add a batch dimension with x.unsqueeze(0)")
@@ -384,7 +388,6 @@ def window_reverse(y: torch.Tensor, x: torch.Tensor, window: int) -> torch.Tenso
     return t.permute(0, 3, 1, 2)
 
 
-torch.fx.wrap("check_input")
 torch.fx.wrap("grid_bias")
 torch.fx.wrap("window_partition")
 torch.fx.wrap("window_reverse")
@@ -417,6 +420,7 @@ class CascadedGroupAttention(nn.Module):
         self.proj = nn.ModuleDict({"1": ConvNorm(self.val_dim * num_heads, dim, bn_weight_init=0.0)})
         self.attention_biases = nn.Parameter(torch.zeros(num_heads, window * window))
         self.register_buffer("attention_bias_idxs", bias_index(window), persistent=False)
+        self.attention_bias_cache: dict[str, torch.Tensor] = {}  # timm's name; never filled (get_attention_biases)
         # the inference form's derived tensors, filled by fuse()
         self.register_buffer("eval_bias", torch.zeros(0), persistent=False)
         self.register_buffer("qkv_stack", torch.zeros(0), persistent=False)
@@ -431,6 +435,12 @@ class CascadedGroupAttention(nn.Module):
         self.window = window
         self.attention_biases = nn.Parameter(table, requires_grad=self.attention_biases.requires_grad)
         self.attention_bias_idxs = bias_index(window).to(self.attention_biases.device)
+
+    @torch.jit.ignore
+    def get_attention_biases(self, device: torch.device | None = None) -> torch.Tensor:
+        """timm's accessor: the live window bias (nothing is cached, so ``attention_bias_cache`` stays
+        empty; it exists for code written against timm's module)."""
+        return self.window_bias()
 
     def window_bias(self) -> torch.Tensor:
         """(heads, r*r, r*r) bias of a full window, gathered from the live table (never stale)."""
@@ -476,7 +486,7 @@ class CascadedGroupAttention(nn.Module):
         return self.proj["1"](y, residual)
 
     @torch.no_grad()
-    def fuse(self) -> CascadedGroupAttention:
+    def fuse(self) -> "CascadedGroupAttention":
         """Scale into q's depthwise convs; the window bias into a buffer; the heads' qkv weights
         stacked (heads, d, e) for the batched chunk GEMM (each head's own serves its cascade term)."""
         if self.fused:
@@ -543,7 +553,7 @@ class EfficientVitBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.ffn1(self.dw1(self.mixer(self.ffn0(self.dw0(x)))))
 
-    def fuse(self) -> EfficientVitBlock:
+    def fuse(self) -> "EfficientVitBlock":
         fuse_children(self)
         fold_ffn_bias(self.dw0, self.ffn0)
         fold_ffn_bias(self.dw1, self.ffn1)
@@ -562,7 +572,7 @@ class Downsample(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.res2(self.patchmerge(self.res1(x)))
 
-    def fuse(self) -> Downsample:
+    def fuse(self) -> "Downsample":
         fuse_children(self)
         fold_ffn_bias(self.res1[0], self.res1[1])
         fold_ffn_bias(self.res2[0], self.res2[1])
@@ -605,7 +615,7 @@ class PatchEmbed(nn.Module):
         self.conv4 = ConvNorm(dim // 2, dim, 3, 2, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.jit.is_scripting() and not torch.jit.is_tracing():  # traced: checked once
+        if not torch.jit.is_scripting() and not _graph_capture():  # captured graphs: checked when captured
             x = check_input(x, self.in_chans, next(self.conv1.parameters()).dtype)
         x = F.relu(self.conv1(x), inplace=True)
         x = F.relu(self.conv2(x), inplace=True)
@@ -734,10 +744,12 @@ class EfficientVitMsra(nn.Module):
         if self.head_dist is not None:
             self.head_dist = self._make_head(num_classes).to(p.device, p.dtype).train(self.training)
 
-    def set_input_size(self, img_size: int | tuple[int, int]) -> None:
+    def set_input_size(self, img_size: int | tuple[int, int] | None = None, **kwargs) -> None:
         """Rebuild the windows for another input size; bias tables are resized (bicubic) where a
-        window changes. Other sizes run without this too: it sets the windows a size is trained with."""
-        self.img_size = _pair(img_size)
+        window changes. Other sizes run without this too: it sets the windows a size is trained with.
+        ``None`` keeps the size; timm's other arguments (patch size...) do not apply and are ignored."""
+        self.img_size = _pair(img_size) if img_size is not None else self.img_size
+        update_model_input_size(self, self.img_size)  # what timm's input config and save_for_hf read
         for stage, res in zip(self.stages, stage_resolutions(self.img_size)):
             stage.set_resolution(max(res))
         cfg = getattr(self, "pretrained_cfg", None)
@@ -798,7 +810,7 @@ class EfficientVitMsra(nn.Module):
         return self.forward_head(self.forward_features(x))
 
     @torch.no_grad()
-    def fuse(self) -> EfficientVitMsra:
+    def fuse(self) -> "EfficientVitMsra":
         """Every module folded; the distillation heads average into one linear (eval returns their mean);
         the average pool a plain mean (in ONNX a ReduceMean, which needs no layout reorder)."""
         fuse_children(self)
@@ -812,6 +824,15 @@ class EfficientVitMsra(nn.Module):
 
 
 @torch.no_grad()
+def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """timm's hook for loading a checkpoint into ``model``: official or timm layout, bias tables resized
+    to the model's windows, the head left out if the model has none."""
+    from .weights import fit_state_dict, is_official_layout, official_to_timm  # weights imports this module
+
+    sd = official_to_timm(state_dict) if is_official_layout(state_dict) else dict(state_dict)
+    return fit_state_dict(model, sd, strict_head=False)
+
+
 def is_fused(model: nn.Module) -> bool:
     """Whether ``model`` is (or holds) an inference form made by ``fuse``."""
     return any(isinstance(m, PointwiseConv) for m in model.modules())

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from timm.layers import set_layer_config
 from timm.models import PretrainedCfg, build_model_with_cfg
+from timm.models._input import update_model_input_size
 from torch import nn
 
 from .efficientvit import VARIANTS, EfficientVitMsra
@@ -133,4 +134,5 @@ def _build(variant: str, cfg: PretrainedCfg, weights: tuple[dict, dict] | None, 
     if weights is not None and weights[1].get("dataset"):
         cfg["dataset"] = weights[1]["dataset"]  # what eval defaults to (e.g. Fashion-MNIST's test set)
     model.pretrained_cfg = model.default_cfg = cfg
+    update_model_input_size(model, net.img_size)  # timm's record of the size built for (save_for_hf)
     return model
