@@ -31,7 +31,6 @@ import copy
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.fx
@@ -550,8 +549,8 @@ class EfficientVitBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_merging(x, None)[0]
 
-    def forward_merging(self, x: torch.Tensor, prior: Optional[torch.Tensor]
-                        ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def forward_merging(self, x: torch.Tensor, prior: torch.Tensor | None
+                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The block, taking and returning the token-merging state (the previous mask's logits)."""
         x = self.mixer(self.ffn0(self.dw0(x)))
         if self.merge is not None:
@@ -602,7 +601,7 @@ class EfficientVitStage(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.downsample(x)
-        prior: Optional[torch.Tensor] = None  # token merging's state; a downsampling starts a new chain
+        prior: torch.Tensor | None = None  # token merging's state; a downsampling starts a new chain
         for block in self.blocks:
             if self.grad_checkpointing and self.training and not torch.jit.is_scripting():
                 x, prior = checkpoint(block.forward_merging, x, prior, use_reentrant=False)

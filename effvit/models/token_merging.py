@@ -20,7 +20,6 @@ whose columns are non-negative and sum to one. Our mask, with the choices the pa
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 import torch.fx
@@ -30,19 +29,19 @@ MERGE_MODES = ("learned", "pool")
 
 
 def merged_size(height: int, width: int, keep: float) -> tuple[int, int]:
-    """The H' x W' grid closest to ``keep * H * W`` tokens with both sides shrunk by about sqrt(keep)
-    (tokens are removed evenly per row and column); ties keep more tokens."""
+    """The H' x W' grid of about ``keep * H * W`` tokens with both sides shrunk by about sqrt(keep)
+    (tokens removed evenly per row and column): of the rounded side lengths, the one whose token count
+    and aspect ratio are closest (in log) to the target's; ties keep more tokens."""
     if keep >= 1.0:
         return height, width
     root = math.sqrt(keep)
-    target = keep * height * width
     best_h, best_w = height, width
-    best_err = float(height * width) - target
+    best_err = -math.log(keep)
     for h in (math.ceil(height * root), math.floor(height * root)):
         for w in (math.ceil(width * root), math.floor(width * root)):
             h_ = min(max(h, 1), height)
             w_ = min(max(w, 1), width)
-            err = abs(h_ * w_ - target)
+            err = abs(math.log(h_ * w_ / (keep * height * width))) + abs(math.log(h_ * width / (w_ * height)))
             if err < best_err:
                 best_h, best_w, best_err = h_, w_, err
     return best_h, best_w
@@ -68,8 +67,8 @@ def area_pool(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return t.reshape(B, height, width, C).permute(0, 3, 1, 2)
 
 
-def merge_grid(x: torch.Tensor, logits: Optional[torch.Tensor], keep: float
-               ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+def merge_grid(x: torch.Tensor, logits: torch.Tensor | None, keep: float
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``G^T x`` and ``G^T logits`` for the mask G the logits (B, 1, H, W) define (area pooling when None)."""
     H, W = x.shape[-2], x.shape[-1]
     height, width = merged_size(H, W, keep)
@@ -119,14 +118,14 @@ class TokenMerge(nn.Module):
             self.score = nn.Conv2d(dim, 1, 1, bias=False)  # a bias would cancel in every column
             nn.init.zeros_(self.score.weight)
 
-    def logits(self, x: torch.Tensor, prior: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    def logits(self, x: torch.Tensor, prior: torch.Tensor | None) -> torch.Tensor | None:
         if self.score is None:
             return None
         s = self.score(x)
         return s if prior is None else s + prior
 
-    def forward(self, x: torch.Tensor, prior: Optional[torch.Tensor] = None
-                ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def forward(self, x: torch.Tensor, prior: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
         return merge_grid(x, self.logits(x, prior), self.keep)
 
     def extra_repr(self) -> str:
