@@ -145,7 +145,8 @@ def build_model(cfg: Config, num_classes: int, log=print) -> nn.Module:
     m = cfg.model
     distill = cfg.distill.teacher is not None and cfg.distill.type != "none"
     model = create_model(m.name, num_classes=num_classes, img_size=m.img_size, in_chans=m.in_chans,
-                         distillation=distill, pretrained=m.pretrained or False)
+                         distillation=distill, pretrained=m.pretrained or False, ltm=m.ltm,
+                         ltm_mode=m.ltm_mode)
     if m.finetune:
         sd, meta = read_checkpoint(m.finetune)
         check_same_arch(meta, model, m.finetune)
