@@ -74,11 +74,13 @@ def ib_terms(phi_in: torch.Tensor, phi_out: torch.Tensor, q: torch.Tensor, targe
 class IBLoss(nn.Module):
     """``weight * mean IBB`` (0 before ``start_epoch`` and until the first ``refresh()``), banking the
     inputs and features it sees. ``input_size``: images are area-resized to it before flattening
-    (None: the full image, as the authors do; 1000 centroids of a 224 px image are 600 MB)."""
+    (None: the full image, as the authors do; 1000 centroids of a 224 px image are 600 MB). The banks
+    hold the first ``bank_size`` features and ``input_bank_size`` images of an epoch (a random sample
+    of the training set when the loader shuffles)."""
 
     def __init__(self, num_classes: int, num_clusters: int = 1000, beta: float = 1.0, weight: float = 0.1,
                  start_epoch: int = 0, input_size: int | None = 32, bank_size: int = 65536,
-                 kmeans_iters: int = 20, seed: int = 0):
+                 input_bank_size: int = 16384, kmeans_iters: int = 20, seed: int = 0):
         super().__init__()
         self.num_classes = num_classes
         self.num_clusters = num_clusters
@@ -87,6 +89,7 @@ class IBLoss(nn.Module):
         self.start_epoch = start_epoch
         self.input_size = input_size
         self.bank_size = bank_size
+        self.input_bank_size = input_bank_size
         self.kmeans_iters = kmeans_iters
         self.seed = seed
         self.register_buffer("in_centroids", torch.zeros(0))
@@ -111,7 +114,7 @@ class IBLoss(nn.Module):
         """Add a batch to the banks (up to ``bank_size`` samples an epoch)."""
         if sum(t.shape[0] for t in self._features) >= self.bank_size:
             return
-        if self.in_centroids.numel() == 0:  # the input centroids are fitted once
+        if self.in_centroids.numel() == 0 and sum(t.shape[0] for t in self._inputs) < self.input_bank_size:
             self._inputs.append(self.flat_inputs(images).detach())
         self._features.append(features.detach().float().flatten(1))
         self._targets.append(targets.detach())
