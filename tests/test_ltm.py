@@ -84,12 +84,21 @@ def test_gradients_reach_every_mask_module_that_merges():
         if isinstance(m, TokenMerge):
             m.register_forward_hook(lambda mod, args, out, name=name: shrinks.__setitem__(
                 name, out[0].shape[-2:] != args[0].shape[-2:]))
-    model(torch.randn(4, 3, 224, 224)).logsumexp(1).sum().backward()
+    x = torch.randn(4, 3, 224, 224)
+    model(x).logsumexp(1).sum().backward()
     assert sum(shrinks.values()) >= 3
+    grads = {}
     for name, merging in shrinks.items():
-        grad = model.get_parameter(f"{name}.score.weight").grad
+        grads[name] = model.get_parameter(f"{name}.score.weight").grad
         if merging:  # (a stage's last block that keeps its grid feeds no later mask)
-            assert grad is not None and grad.abs().sum() > 0, name
+            assert grads[name] is not None and grads[name].abs().sum() > 0, name
+    # gradient checkpointing carries the merging state through the same path
+    model.zero_grad(set_to_none=True)
+    model.set_grad_checkpointing(True)
+    model(x).logsumexp(1).sum().backward()
+    for name, grad in grads.items():
+        if grad is not None:
+            torch.testing.assert_close(model.get_parameter(f"{name}.score.weight").grad, grad)
 
 
 def test_macs_fall_monotonically_with_the_keep_ratio():
