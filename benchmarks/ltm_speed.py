@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import json
 import statistics
 import time
 
@@ -91,9 +92,11 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--macs-only", action="store_true")
+    ap.add_argument("--json", help="also write the rows here (for benchmarks/ltm_plot.py)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     print(f"torch {torch.__version__}, 1 thread; medians of {args.rounds} alternating rounds x {args.reps} calls")
+    table = []
     for variant in args.variants:
         for size in args.sizes:
             rows = forms(variant, size, args.keeps)
@@ -119,8 +122,13 @@ def main() -> None:
                     ref = statistics.median(results["unmerged"][c])
                     cells.append(f"{med:.0f} ({med / ref:.2f}x)")
                 params = sum(p.numel() for p in m.parameters())
+                table.append(dict(variant=variant, size=size, form=label, input=s, params=params, macs=macs,
+                                  **{c: statistics.median(results[label][c]) for c in cols}))
                 print(f"| {label} | {s} | {params / 1e6:.4f} M | {macs / 1e6:.1f} | {macs / base_macs:.3f} | "
                       + " | ".join(cells) + " |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(table, f, indent=1)
 
 
 if __name__ == "__main__":
