@@ -144,9 +144,10 @@ def test_any_resolution_and_features_only(size):
     assert maps[0].shape[-2:] == merged_size(14, 14, 0.8) == (13, 13) and maps[1].shape[-2:] == (5, 5)
 
 
-def test_fused_and_exported_ltm_models_match_eager():
-    model = ltm_model(keep=0.8, in_chans=1, num_classes=10, img_size=112).eval()
-    x = torch.randn(2, 1, 112, 112)
+@pytest.mark.parametrize("size", [112, 160])  # 160: a 10x10 map, padded to two 7x7 windows a side
+def test_fused_and_exported_ltm_models_match_eager(size):
+    model = ltm_model(keep=0.8, in_chans=1, num_classes=10, img_size=size).eval()
+    x = torch.randn(2, 1, size, size)
     with torch.no_grad():
         ref = model(x)
         fused = effvit.fuse(model)

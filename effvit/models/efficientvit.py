@@ -604,7 +604,12 @@ class EfficientVitStage(nn.Module):
         prior: torch.Tensor | None = None  # token merging's state; a downsampling starts a new chain
         for block in self.blocks:
             if self.grad_checkpointing and self.training and not torch.jit.is_scripting():
-                x, prior = checkpoint(block.forward_merging, x, prior, use_reentrant=False)
+                if block.merge is None:
+                    x = checkpoint(block, x, use_reentrant=False)
+                else:
+                    x, prior = checkpoint(block.forward_merging, x, prior, use_reentrant=False)
+            elif block.merge is None:  # called as a module: its hooks run, exports name its scope
+                x = block(x)
             else:
                 x, prior = block.forward_merging(x, prior)
         return x

@@ -42,7 +42,7 @@ def merged_size(height: int, width: int, keep: float) -> tuple[int, int]:
             h_ = min(max(h, 1), height)
             w_ = min(max(w, 1), width)
             err = abs(math.log(h_ * w_ / (keep * height * width))) + abs(math.log(h_ * width / (w_ * height)))
-            if err < best_err:
+            if err < best_err - 1e-9:  # exact ties (e.g. 5x5 at 0.8) resolve the same in every form
                 best_h, best_w, best_err = h_, w_, err
     return best_h, best_w
 
@@ -70,7 +70,9 @@ def area_pool(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
 def merge_grid(x: torch.Tensor, logits: torch.Tensor | None, keep: float
                ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``G^T x`` and ``G^T logits`` for the mask G the logits (B, 1, H, W) define (area pooling when None)."""
-    H, W = x.shape[-2], x.shape[-1]
+    # plain ints: traced and exported graphs are specialised to the input size anyway, and sizes
+    # computed in tensor float32 could break the ties of merged_size differently
+    H, W = int(x.shape[-2]), int(x.shape[-1])
     height, width = merged_size(H, W, keep)
     if height == H and width == W:  # nothing merged: G is the identity, the tokens pass as they are
         return x, logits
