@@ -159,13 +159,12 @@ def test_fused_and_exported_ltm_models_match_eager(size):
                           dynamic_axes={"x": {0: "b"}, "y": {0: "b"}}, dynamo=False)
     session = ort.InferenceSession(buf.getvalue(), providers=["CPUExecutionProvider"])
     assert np.abs(session.run(None, {"x": x.numpy()})[0] - ref.numpy()).max() <= 1e-4
-    # the merge itself compiles with TorchScript, shape logic included
-    merge = TokenMerge(32, 0.8)
-    torch.nn.init.normal_(merge.score.weight)
-    scripted = torch.jit.script(merge)
-    y, prior = torch.randn(2, 32, 9, 11), torch.randn(2, 1, 9, 11)
-    for a, b in zip(scripted(y, prior), merge(y, prior)):
-        torch.testing.assert_close(a, b)
+    # TorchScript compiles the merge, shape logic included: any input size runs
+    with torch.no_grad():
+        scripted = torch.jit.script(fused)
+        assert (scripted(x) - ref).abs().max() <= 1e-4
+        other = torch.randn(1, 1, 144, 128)
+        assert (scripted(other) - model(other)).abs().max() <= 1e-4
 
 
 def test_bad_keep_ratio_and_mode_are_refused():
