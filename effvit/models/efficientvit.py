@@ -27,6 +27,7 @@ Differences from the official code and timm, all output-preserving where those w
 
 import copy
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +39,8 @@ from timm.models._input import update_model_input_size
 from torch import nn
 from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 from torch.utils.checkpoint import checkpoint
+
+from .token_merging import TokenMerge, block_keeps
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -540,18 +543,29 @@ class LocalWindowAttention(nn.Module):
 
 
 class EfficientVitBlock(nn.Module):
-    """The sandwich: DW -> FFN -> window attention -> DW -> FFN, each residual."""
+    """The sandwich: DW -> FFN -> window attention -> DW -> FFN, each residual. With ``merge`` (token
+    merging, ``effvit.models.token_merging``) the attention's output grid shrinks before the second half."""
 
-    def __init__(self, dim: int, num_heads: int, resolution: int, kernels: tuple[int, ...]):
+    def __init__(self, dim: int, num_heads: int, resolution: int, kernels: tuple[int, ...],
+                 merge: nn.Module | None = None):
         super().__init__()
         self.dw0 = _residual_dw(dim)
         self.ffn0 = _residual_ffn(dim)
         self.mixer = Residual(LocalWindowAttention(dim, num_heads, resolution, kernels))
+        self.merge = merge
         self.dw1 = _residual_dw(dim)
         self.ffn1 = _residual_ffn(dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.ffn1(self.dw1(self.mixer(self.ffn0(self.dw0(x)))))
+        return self.forward_merging(x, None)[0]
+
+    def forward_merging(self, x: torch.Tensor, prior: torch.Tensor | None
+                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The block, taking and returning the token-merging state (the previous mask's logits)."""
+        x = self.mixer(self.ffn0(self.dw0(x)))
+        if self.merge is not None:
+            x, prior = self.merge(x, prior)
+        return self.ffn1(self.dw1(x)), prior
 
     def fuse(self) -> "EfficientVitBlock":
         fuse_children(self)
@@ -581,11 +595,13 @@ class Downsample(nn.Module):
 
 class EfficientVitStage(nn.Module):
     def __init__(self, in_dim: int, dim: int, depth: int, num_heads: int, resolution: int,
-                 kernels: tuple[int, ...], downsample: bool):
+                 kernels: tuple[int, ...], downsample: bool, keeps: Sequence[float] | None = None,
+                 merge_mode: str = "learned"):
         super().__init__()
         self.downsample = Downsample(in_dim, dim) if downsample else nn.Identity()
-        self.blocks = nn.Sequential(*(EfficientVitBlock(dim, num_heads, resolution, kernels)
-                                      for _ in range(depth)))
+        merges = [None] * depth if keeps is None else [TokenMerge(dim, k, merge_mode) for k in keeps]
+        self.blocks = nn.Sequential(*(EfficientVitBlock(dim, num_heads, resolution, kernels, merge)
+                                      for merge in merges))
         self.grad_checkpointing = False
 
     def set_resolution(self, resolution: int) -> None:
@@ -595,11 +611,18 @@ class EfficientVitStage(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.downsample(x)
-        if self.grad_checkpointing and self.training and not torch.jit.is_scripting():
-            for block in self.blocks:
-                x = checkpoint(block, x, use_reentrant=False)
-            return x
-        return self.blocks(x)
+        prior: torch.Tensor | None = None  # token merging's state; a downsampling starts a new chain
+        for block in self.blocks:
+            if self.grad_checkpointing and self.training and not torch.jit.is_scripting():
+                if block.merge is None:
+                    x = checkpoint(block, x, use_reentrant=False)
+                else:
+                    x, prior = checkpoint(block.forward_merging, x, prior, use_reentrant=False)
+            elif block.merge is None:  # called as a module: its hooks run, exports name its scope
+                x = block(x)
+            else:
+                x, prior = block.forward_merging(x, prior)
+        return x
 
 
 class PatchEmbed(nn.Module):
@@ -665,8 +688,11 @@ class EfficientVitMsra(nn.Module):
 
     def __init__(self, variant: str = "efficientvit_m0", num_classes: int = 1000, in_chans: int = 3,
                  img_size: int | tuple[int, int] = 224, global_pool: str = "avg", drop_rate: float = 0.0,
-                 distillation: bool = False, device: torch.device | str | None = None,
+                 distillation: bool = False, ltm: float | Sequence[float] | None = None,
+                 ltm_mode: str = "learned", device: torch.device | str | None = None,
                  dtype: torch.dtype | None = None):
+        """``ltm``: token merging after each block's attention (``effvit.models.token_merging``), a keep
+        ratio for every block or one per block (None: off); ``ltm_mode`` 'learned' or 'pool' (fixed)."""
         super().__init__()
         if variant not in VARIANTS:
             raise ValueError(f"unknown variant {variant!r}; choose one of {sorted(VARIANTS)}")
@@ -683,13 +709,17 @@ class EfficientVitMsra(nn.Module):
         self.drop_rate = drop_rate
         self.num_features = cfg.widths[-1]
         self.distillation = distillation
+        self.ltm = None if ltm is None else block_keeps(ltm, sum(cfg.depths))
+        self.ltm_mode = ltm_mode
         resolutions = stage_resolutions(self.img_size)
         self.patch_embed = PatchEmbed(in_chans, cfg.widths[0])
         stages = []
         in_dim = cfg.widths[0]
         for i, (dim, depth, heads) in enumerate(zip(cfg.widths, cfg.depths, cfg.heads)):
+            first = sum(cfg.depths[:i])
+            keeps = None if self.ltm is None else self.ltm[first:first + depth]
             stages.append(EfficientVitStage(in_dim, dim, depth, heads, max(resolutions[i]), cfg.kernels,
-                                            downsample=i > 0))
+                                            downsample=i > 0, keeps=keeps, merge_mode=ltm_mode))
             in_dim = dim
         self.stages = nn.Sequential(*stages)
         self.feature_info = [dict(num_chs=dim, reduction=PATCH_SIZE * 2 ** i, module=f"stages.{i}")

@@ -303,6 +303,9 @@ def fit_state_dict(model: nn.Module, sd: Mapping[str, torch.Tensor], strict_head
         for k in target:
             if k.startswith(("head.", "head_dist.")):
                 sd.setdefault(k, target[k])
+    for k in target:  # token merging's mask modules, new to an unmerged checkpoint: their fresh init
+        if ".merge." in k:
+            sd.setdefault(k, target[k])
     missing = [k for k in target if k not in sd and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in sd if k not in target]
     wrong = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(target[k].shape)}"

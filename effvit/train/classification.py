@@ -149,7 +149,8 @@ def build_model(cfg: Config, num_classes: int, log=print) -> nn.Module:
     if has_package_weights(m.name):
         return build_pretrained_timm(cfg, num_classes, distill, log)
     model = create_model(m.name, num_classes=num_classes, img_size=m.img_size, in_chans=m.in_chans,
-                         distillation=distill, pretrained=m.pretrained or False)
+                         distillation=distill, pretrained=m.pretrained or False, ltm=m.ltm,
+                         ltm_mode=m.ltm_mode)
     if m.finetune:
         sd, meta = read_checkpoint(m.finetune)
         check_same_arch(meta, model, m.finetune)

@@ -36,6 +36,8 @@ class ModelConfig:
     finetune: str | None = None  # weights to fine-tune: head re-created, bias tables resized
     freeze_bn: bool = False  # keep BatchNorm statistics fixed (small data sets)
     channels_last: bool = False
+    ltm: float | tuple[float, ...] | None = None  # token merging: keep ratio per block (one or each)
+    ltm_mode: str = "learned"  # learned | pool (fixed area-pool merge, the baseline)
 
 
 @dataclass
