@@ -237,3 +237,28 @@ def test_load_model_reads_training_checkpoints_with_and_without_ema(tmp_path):
     assert got.pretrained_cfg["label_names"] == ("a", "b", "c") and got.img_size == (64, 64)
     with pytest.raises(ValueError, match="holds efficientvit_m0 weights, not efficientvit_m1"):
         effvit.load_model(path, model_name="m1")
+
+
+@torch.no_grad()
+def test_load_model_rebuilds_a_timm_backbone_trained_by_effvit(tmp_path, capsys):
+    """`effvit train --model efficientnet_lite0` checkpoints go through the same loader to eval/predict."""
+    from PIL import Image
+
+    from effvit.cli import main
+    from effvit.train.checkpoint import model_meta
+
+    torch.manual_seed(0)
+    net = timm.create_model("efficientnet_lite0", num_classes=3, in_chans=1).eval()
+    meta = model_meta(net, {"dataset": "folder", "img_size": 64, "in_chans": 1, "class_names": ["a", "b", "c"],
+                            "mean": [0.5], "std": [0.25], "interpolation": "bilinear", "crop_pct": 1.0})
+    path = tmp_path / "best.pth"
+    torch.save({"format": FORMAT_TAG, "state_dict": net.state_dict(), "meta": meta, "epoch": 1}, path)
+    model = effvit.load_model(path)
+    x = _x(2, 1, 64, 64)
+    torch.testing.assert_close(model(x), net(x), rtol=0, atol=0)
+    cfg = resolve_data_config(model=model)
+    assert cfg["input_size"] == (1, 64, 64) and cfg["mean"] == (0.5,) and cfg["interpolation"] == "bilinear"
+    assert model.pretrained_cfg["label_names"] == ("a", "b", "c")
+    Image.new("L", (80, 70), 128).save(tmp_path / "img.png")
+    assert main(["predict", str(tmp_path / "img.png"), "-c", str(path), "--topk", "1"]) == 0
+    assert capsys.readouterr().out.split()[-1] in ("a", "b", "c")

@@ -36,7 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def build_eval_dataset(model, dataset: str, root: str | None, split: str | None, transform):
     from effvit.train.data import FashionMNIST, ImageFolder, check_same_classes, find_classes
-    from effvit.train.inference import class_names, has_own_class_names, image_mode
+    from effvit.train.inference import arch_name, class_names, has_own_class_names, image_mode
 
     if dataset == "fashion_mnist":
         if split not in (None, "test", "val", "train"):
@@ -52,7 +52,7 @@ def build_eval_dataset(model, dataset: str, root: str | None, split: str | None,
     classes = find_classes(split_dir)
     names = class_names(model)
     if has_own_class_names(model):
-        check_same_classes(names, classes, Path(f"{model.variant} checkpoint classes"), split_dir)
+        check_same_classes(names, classes, Path(f"{arch_name(model)} checkpoint classes"), split_dir)
     elif len(classes) != model.num_classes:
         raise ValueError(f"{split_dir} has {len(classes)} class folders but the model has {model.num_classes} "
                          "outputs")
@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     from effvit.outputs import writable_dir
     from effvit.train import ClassificationTask, build_loader, evaluate, init_distributed
     from effvit.train.distributed import cleanup
-    from effvit.train.inference import class_names, eval_transform
+    from effvit.train.inference import arch_name, class_names, eval_transform
     from effvit.train.metrics import per_class_accuracy, plot_confusion
 
     ctx = init_distributed(args.device)
@@ -97,10 +97,10 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
     else:
-        print_report(report, model.variant, names, dataset, confusion, per_class, args.ema)
+        print_report(report, arch_name(model), names, dataset, confusion, per_class, args.ema)
     # the metrics are printed first: a write that fails now (a full disk) loses no result
     (out / "metrics.json").write_text(json.dumps(report, indent=2))
-    title = f"{model.variant} on {dataset} {split}: top-1 {res.metrics['top1']:.2f}%"
+    title = f"{arch_name(model)} on {dataset} {split}: top-1 {res.metrics['top1']:.2f}%"
     png = plot_confusion(confusion, names, out / "confusion.png", title=title)
     if not args.json:
         print(f"\nwrote {out / 'metrics.json'} and {png}")

@@ -7,6 +7,7 @@ import dataclasses
 import fnmatch
 from pathlib import Path
 
+import timm
 from timm.layers import set_layer_config
 from timm.models import PretrainedCfg, build_model_with_cfg
 from timm.models._input import update_model_input_size
@@ -86,9 +87,31 @@ def load_model(source: str | Path, model_name: str | None = None, use_ema: bool 
     weights = read_checkpoint(source, sha256, use_ema=use_ema)
     found = detect_variant(weights[0])
     if model_name is None and found is None:
+        arch = weights[1].get("arch")
+        if isinstance(arch, str) and timm.is_model(arch):  # a timm backbone trained by effvit train
+            return _build_timm(arch, weights, str(source)).eval()
         raise ValueError(f"{source} does not hold EfficientViT-M weights (no variant matches its tensors)")
     variant = parse_model_name(model_name)[0] if model_name else found
     return _build(variant, default_cfg(variant), weights, str(source), None, {}, kwargs).eval()
+
+
+def _build_timm(arch: str, weights: tuple[dict, dict], source: str) -> nn.Module:
+    """timm's ``arch`` with the checkpoint's classes, channels and weights; its config takes the file's
+    input size, normalisation, class names and dataset, as for our own models."""
+    sd, meta = weights
+    num_classes, in_chans = meta.get("num_classes"), meta.get("in_chans") or 3
+    model = timm.create_model(arch, num_classes=num_classes, in_chans=in_chans)
+    try:
+        model.load_state_dict(sd)
+    except RuntimeError as e:
+        raise ValueError(f"{source} does not fit timm's {arch} with {num_classes} classes and {in_chans} "
+                         f"input channels: {e}") from None
+    cfg = cfg_from_meta(PretrainedCfg(**model.pretrained_cfg), meta, num_classes, in_chans)
+    model.pretrained_cfg = model.default_cfg = cfg_for_model(cfg.to_dict(), num_classes, in_chans,
+                                                             cfg.input_size[1:])
+    if meta.get("dataset"):
+        model.pretrained_cfg["dataset"] = meta["dataset"]
+    return model
 
 
 def _build(variant: str, cfg: PretrainedCfg, weights: tuple[dict, dict] | None, source: str,

@@ -121,7 +121,8 @@ def save_epoch(state: dict, last: str | Path, best: str | Path | None = None) ->
 
 def model_meta(model: nn.Module, extra: dict | None = None) -> dict:
     """What a reader needs to rebuild the network and its preprocessing."""
-    meta = {"arch": getattr(model, "variant", type(model).__name__),
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    meta = {"arch": getattr(model, "variant", None) or cfg.get("architecture") or type(model).__name__,
             "num_classes": getattr(model, "num_classes", None),
             "img_size": list(getattr(model, "img_size", ())) or None,
             "in_chans": getattr(model, "in_chans", None),

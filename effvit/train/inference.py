@@ -25,7 +25,12 @@ def has_own_class_names(model: nn.Module) -> bool:
 
 
 def image_mode(model: nn.Module) -> str:
-    return "L" if model.in_chans == 1 else "RGB"
+    return "L" if model.pretrained_cfg["input_size"][0] == 1 else "RGB"
+
+
+def arch_name(model: nn.Module) -> str:
+    """``efficientvit_m0``, or a timm backbone's architecture (``efficientnet_lite0``)."""
+    return getattr(model, "variant", None) or model.pretrained_cfg.get("architecture") or type(model).__name__
 
 
 def eval_transform(model: nn.Module):
