@@ -27,31 +27,16 @@ FORMS = ("eager", "traced", "onnx")
 
 
 # -- worker side -----------------------------------------------------------------------------------
-def _randomise_norms(model, seed: int = 0):
-    """BN statistics away from identity, so no fold is trivially exact (weights differ per revision only
-    in layout, the seed makes them equal)."""
-    import torch
-
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)):
-            n = m.num_features
-            m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
-            m.bias.data.copy_(torch.randn(n, generator=g) * 0.1)
-    return model.eval()
-
-
 def _effvit_forward(variant: str, x, form: str, tmp: str):
     import warnings
 
     import torch
 
     import effvit
+    from effvit.fast.benchmark import randomise_norms  # in both trees: the same BN statistics
 
     torch.manual_seed(0)
-    model = _randomise_norms(effvit.create_model(variant))
+    model = randomise_norms(effvit.create_model(variant)).eval()
     if form == "onnx":
         from effvit.fast.export import export_onnx
 
@@ -74,10 +59,10 @@ def _timm_forward(variant: str, x, form: str, tmp: str):
     import torch
     from timm.utils import reparameterize_model
 
-    from effvit.fast.benchmark import export_plain_onnx, pick_fastest, timm_forms
+    from effvit.fast.benchmark import export_plain_onnx, pick_fastest, randomise_norms, timm_forms
 
     torch.manual_seed(0)
-    model = _randomise_norms(timm.create_model(variant))
+    model = randomise_norms(timm.create_model(variant)).eval()
     if form == "onnx":
         path = os.path.join(tmp, f"timm_{variant}.onnx")
         export_plain_onnx(reparameterize_model(model), x, path)

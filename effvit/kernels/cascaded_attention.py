@@ -38,13 +38,13 @@ scores and the softmax run in fp32. fp32 GEMMs use IEEE fp32 products (no TF32).
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 try:
     import triton
@@ -125,20 +125,13 @@ def window_bias(bias_table: torch.Tensor, height: int, width: int) -> torch.Tens
 
 @torch.no_grad()
 def operands(attn: nn.Module, height: int, width: int) -> tuple:
-    """The kernel's arguments after x, folded from a model's ``CascadedGroupAttention`` (BN in eval mode)
-    for height x width maps: ``(qkv_w, qkv_b, q_w, q_b, bias, kernel_sizes, window)``."""
-
-    def folded(m: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:  # a Conv+BN unit as one conv
-        bn = m.bn
-        w, b = fuse_conv_bn_weights(m.conv.weight, None, bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias)
-        return w.detach(), b.detach()
-
-    qkv = [folded(m) for m in attn.qkvs]
-    dws = [folded(m) for m in attn.dws]
-    q_w, sizes = stack_q_kernels([w * attn.scale for w, _ in dws])  # the scale folds into the q conv
-    return (torch.stack([w.flatten(1).t() for w, _ in qkv]), torch.stack([b for _, b in qkv]), q_w,
-            torch.stack([b * attn.scale for _, b in dws]), window_bias(attn.attention_biases.detach(), height, width),
-            sizes, attn.window)
+    """The kernel's arguments after x, from a model's ``CascadedGroupAttention`` folded by its own
+    ``fuse()`` (BN, and the scale into q), for height x width maps:
+    ``(qkv_w, qkv_b, q_w, q_b, bias, kernel_sizes, window)``."""
+    fused = copy.deepcopy(attn).fuse()
+    q_w, sizes = stack_q_kernels([dw.weight for dw in fused.dws])
+    return (fused.qkv_stack, fused.qkv_bias[:, 0], q_w, torch.stack([dw.bias for dw in fused.dws]),
+            window_bias(attn.attention_biases.detach(), height, width), sizes, attn.window)
 
 
 def _check(x, qkv_w, qkv_b, q_w, q_b, bias, kernel_sizes, window) -> tuple[int, int, int, int, int, int]:

@@ -237,19 +237,19 @@ class ConvMlp(nn.Module):
 
 @torch.no_grad()
 def fold_ffn_bias(dw: nn.Module, ffn: nn.Module) -> None:
-    """Move a fused residual FFN's output bias b2 into the depthwise conv before it (fused, in place).
+    """Move a fused residual FFN's output bias b2 into the depthwise conv before it (both fused; the FFN
+    takes its own skip connection), in place.
 
     ``x' = dw(x) + b2`` and ``pw1.bias -= W1 b2`` leave ``x' + W2 relu(W1 x' + b1') `` equal to the
     original; the FFN's last GEMM then has no bias and accumulates the skip connection directly.
     """
-    mlp = ffn.m if isinstance(ffn, Residual) else ffn
-    if not (isinstance(dw, nn.Conv2d) and isinstance(mlp, ConvMlp) and mlp.skip and isinstance(mlp.pw1, PointwiseConv)
-            and isinstance(mlp.pw2, PointwiseConv) and dw.bias is not None and mlp.pw2.bias is not None):
+    if not (isinstance(dw, nn.Conv2d) and isinstance(ffn, ConvMlp) and ffn.skip and isinstance(ffn.pw1, PointwiseConv)
+            and isinstance(ffn.pw2, PointwiseConv) and dw.bias is not None and ffn.pw2.bias is not None):
         return
-    b2 = mlp.pw2.bias.double()
+    b2 = ffn.pw2.bias.double()
     dw.bias.add_(b2.to(dw.bias.dtype))
-    mlp.pw1.bias.sub_((b2 @ mlp.pw1.weight.double()).to(mlp.pw1.bias.dtype))
-    mlp.pw2.bias = None
+    ffn.pw1.bias.sub_((b2 @ ffn.pw1.weight.double()).to(ffn.pw1.bias.dtype))
+    ffn.pw2.bias = None
 
 
 def _residual_dw(dim: int) -> Residual:
