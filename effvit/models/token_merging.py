@@ -57,11 +57,12 @@ def area_matrix(n_in: int, n_out: int, ref: torch.Tensor) -> torch.Tensor:
     return overlap.clamp_min(0).to(ref.dtype)
 
 
-def area_pool(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Sum of ``x`` (B, C, H, W) over each output cell's footprint, weighted by overlap: ``P^T x`` as two
-    matmuls over the (B, H, W, C) view, so channels-last memory is read as it lies."""
+def area_pool(x: torch.Tensor, ry: torch.Tensor, rx: torch.Tensor) -> torch.Tensor:
+    """Sum of ``x`` (B, C, H, W) over each output cell's footprint, weighted by overlap (``ry``, ``rx``:
+    the ``area_matrix`` of each axis): ``P^T x`` as two matmuls over the (B, H, W, C) view, so
+    channels-last memory is read as it lies."""
     B, C, H, W = x.shape
-    ry, rx = area_matrix(H, height, x), area_matrix(W, width, x)
+    height, width = ry.shape[0], rx.shape[0]
     t = torch.matmul(ry, x.permute(0, 2, 3, 1).reshape(B, H, W * C))  # (B, H', W*C)
     t = torch.matmul(rx, t.reshape(B * height, W, C))  # (B*H', W', C)
     return t.reshape(B, height, width, C).permute(0, 3, 1, 2)
@@ -76,14 +77,15 @@ def merge_grid(x: torch.Tensor, logits: torch.Tensor | None, keep: float
     height, width = merged_size(H, W, keep)
     if height == H and width == W:  # nothing merged: G is the identity, the tokens pass as they are
         return x, logits
+    ry, rx = area_matrix(H, height, x), area_matrix(W, width, x)  # once per call, for every pool below
     if logits is None:
-        return area_pool(x, height, width) / area_pool(torch.ones_like(x[:, :1]), height, width), None
+        return area_pool(x, ry, rx) / area_pool(torch.ones_like(x[:, :1]), ry, rx), None
     # a shift common to a whole map cancels in every column; the clamp keeps far-off tokens from
     # underflowing to a 0/0 column
     shifted = logits.float() - logits.float().amax(dim=(2, 3), keepdim=True)
     a = shifted.clamp_min(-60.0).exp().to(x.dtype)
-    den = area_pool(a, height, width)
-    return area_pool(x * a, height, width) / den, area_pool(logits * a, height, width) / den
+    den = area_pool(a, ry, rx)
+    return area_pool(x * a, ry, rx) / den, area_pool(logits * a, ry, rx) / den
 
 
 torch.fx.wrap("merge_grid")
