@@ -19,6 +19,7 @@ from effvit.models.efficientvit import (
     NormLinear,
     PointwiseConv,
     Residual,
+    conv_batch_for_cpu,
     fold_ffn_bias,
     fuse_children,
     is_fused,
@@ -43,15 +44,45 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> float:
     return d
 
 
+@pytest.mark.parametrize("conv_batch", [0, 1])  # the 1x1 convs as GEMMs over tokens / as convolutions
 @pytest.mark.parametrize("name", list_models())
 @torch.no_grad()
-def test_parity_224(name):
+def test_parity_224(name, conv_batch):
     model = _model(name)
-    fused = fuse(model)
+    fused = fuse(model, conv_batch=conv_batch)
     x = _x(2, 3, 224, 224)
     ref = model(x)
     assert ref.abs().max() > 0.1  # the randomised norms make every branch count
     _close(fused(x), ref)
+
+
+@torch.no_grad()
+def test_conv_batch_switches_at_the_batch(monkeypatch):
+    model = _model("efficientvit_m1")
+    fused = fuse(model, conv_batch=5)  # batch 1: at most 4 windows of a map, so GEMMs everywhere
+    conv2d, shapes = torch.nn.functional.conv2d, []
+
+    def recording(x, weight, *args, **kw):
+        shapes.append(tuple(weight.shape))
+        return conv2d(x, weight, *args, **kw)
+
+    x = _x(5, 3, 224, 224)
+    ref = model(x)
+    for batch in (1, 5):
+        shapes.clear()
+        monkeypatch.setattr(torch.nn.functional, "conv2d", recording)
+        out = fused(x[:batch])
+        monkeypatch.undo()
+        _close(out, ref[:batch])
+        pointwise = [s for s in shapes if s[2:] == (1, 1)]
+        assert bool(pointwise) == (batch == 5), (batch, len(pointwise))
+    pws = [m for m in fused.modules() if isinstance(m, PointwiseConv)]
+    assert all(m.conv_batch == 5 and m.conv_weight.shape[2:] == (1, 1) for m in pws)
+    gemm_only = [m for m in fuse(model, conv_batch=0).modules() if isinstance(m, PointwiseConv)]
+    assert all(m.conv_batch == 0 and m.conv_weight.numel() == 0 for m in gemm_only)
+    assert conv_batch_for_cpu() in (0, 16)
+    with pytest.raises(ValueError, match="conv_batch must be 'auto' or a batch size"):
+        fuse(model, conv_batch=-1)
 
 
 @pytest.mark.parametrize("name,size", [
@@ -60,10 +91,11 @@ def test_parity_224(name):
     ("efficientvit_m0", (448, 448)),   # windows tiling exactly: 28x28 and 14x14 maps, no padding
     ("efficientvit_m1", (96, 80)),     # maps smaller than the window: sub-grids of the bias
 ])
+@pytest.mark.parametrize("conv_batch", [0, 1])
 @torch.no_grad()
-def test_parity_other_sizes(name, size):
+def test_parity_other_sizes(name, size, conv_batch):
     model = _model(name)
-    fused = fuse(model)
+    fused = fuse(model, conv_batch=conv_batch)
     x = _x(1, 3, *size)
     _close(fused(x), model(x))
 
@@ -261,6 +293,9 @@ def test_trace_script_and_compile_graph():
     _close(traced(x), ref)
     _close(traced(x[:1]), ref[:1])  # batch is dynamic in the trace
     _close(scripted(x), ref)
+    scripted_both = torch.jit.script(fuse(model, conv_batch=2))  # convs from batch 2, GEMMs below
+    _close(scripted_both(x), ref)
+    _close(scripted_both(x[:1]), ref[:1])
     # dynamo captures the whole model in one graph (no breaks); eager backend keeps the test fast
     compiled = torch.compile(fused, backend="eager", fullgraph=True)
     _close(compiled(x), ref)
