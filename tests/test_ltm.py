@@ -130,6 +130,29 @@ def test_unmerged_checkpoint_loads_with_only_the_mask_modules_missing(tmp_path):
         torch.testing.assert_close(loaded.eval()(x), pool(x), rtol=1e-5, atol=1e-5)
 
 
+def test_area_matrices_cached_in_inference_mode_serve_a_training_step():
+    model = ltm_model(num_classes=4)
+    x = torch.randn(2, 3, 112, 112)
+    with torch.inference_mode():
+        model.eval()(x)  # caches this size's area matrices
+    model.train()(x).sum().backward()  # would fail on an inference tensor saved for backward
+    assert model.stages[0].blocks[0].merge.score.weight.grad is not None
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_a_saved_ltm_model_loads_back_as_one(tmp_path, suffix):
+    model = ltm_model(keep=(0.8, 1.0, 0.7, 0.9, 0.9, 0.9), num_classes=5, img_size=96).eval()
+    path = effvit.save_checkpoint(model, tmp_path / f"ltm{suffix}")
+    loaded = effvit.load_model(path)
+    assert loaded.ltm == model.ltm and loaded.ltm_mode == "learned"
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+    pool = effvit.save_checkpoint(ltm_model(mode="pool").eval(), tmp_path / f"pool{suffix}")
+    assert effvit.load_model(pool).ltm_mode == "pool"
+    assert effvit.load_model(pool, ltm_mode="learned").ltm_mode == "learned"  # arguments win over the file
+
+
 @pytest.mark.parametrize("size", [(112, 112), (200, 130), (64, 96)])
 def test_any_resolution_and_features_only(size):
     model = ltm_model().eval()

@@ -245,7 +245,7 @@ def test_load_model_rebuilds_a_timm_backbone_trained_by_effvit(tmp_path, capsys)
     from PIL import Image
 
     from effvit.cli import main
-    from effvit.train.checkpoint import model_meta
+    from effvit.models.weights import model_meta
 
     torch.manual_seed(0)
     net = timm.create_model("efficientnet_lite0", num_classes=3, in_chans=1).eval()

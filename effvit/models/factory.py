@@ -130,6 +130,9 @@ def _build(variant: str, cfg: PretrainedCfg, weights: tuple[dict, dict] | None, 
             kwargs.setdefault("img_size", cfg.input_size[1:])
             # a whole second head (BN + linear); a lone head_dist linear is dropped
             kwargs.setdefault("distillation", {"head_dist.bn.weight", "head_dist.linear.weight"} <= sd.keys())
+        if meta.get("ltm") is not None:  # token merging changes no weight shapes: only the file says it
+            kwargs.setdefault("ltm", meta["ltm"])
+            kwargs.setdefault("ltm_mode", meta.get("ltm_mode", "learned"))
     if kwargs.get("features_only"):
         bad = [i for i in kwargs.get("out_indices", ()) if not -3 <= i < 3]
         if bad:

@@ -19,6 +19,7 @@ whose columns are non-negative and sum to one. Our mask, with the choices the pa
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -49,12 +50,33 @@ def merged_size(height: int, width: int, keep: float) -> tuple[int, int]:
 
 def area_matrix(n_in: int, n_out: int, ref: torch.Tensor) -> torch.Tensor:
     """(n_out, n_in) overlap of input cell i = [i, i+1) with output cell p = [p s, (p+1) s), s = n_in / n_out:
-    the one-axis weights of area pooling (rows sum to s)."""
+    the one-axis weights of area pooling (rows sum to s), on ``ref``'s device and dtype."""
+    if torch.jit.is_scripting():
+        return _area_matrix(n_in, n_out, ref.device, ref.dtype)
+    return _eager_area_matrix(n_in, n_out, ref)
+
+
+@torch.jit.unused
+def _eager_area_matrix(n_in: int, n_out: int, ref: torch.Tensor) -> torch.Tensor:
+    if torch.jit.is_tracing() or torch.compiler.is_compiling():  # graphs hold the ops (or fold them)
+        return _area_matrix(n_in, n_out, ref.device, ref.dtype)
+    return _cached_area_matrix(n_in, n_out, ref.device, ref.dtype)
+
+
+def _area_matrix(n_in: int, n_out: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     step = n_in / n_out
-    lo = torch.arange(n_out, dtype=torch.float64, device=ref.device) * step
-    cells = torch.arange(n_in, dtype=torch.float64, device=ref.device)
+    lo = torch.arange(n_out, dtype=torch.float64, device=device) * step
+    cells = torch.arange(n_in, dtype=torch.float64, device=device)
     overlap = torch.minimum(lo[:, None] + step, cells[None] + 1) - torch.maximum(lo[:, None], cells[None])
-    return overlap.clamp_min(0).to(ref.dtype)
+    return overlap.clamp_min(0).to(dtype)
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_area_matrix(n_in: int, n_out: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    # built once per size: in eager mode the dozen small ops cost more than a batch-1 merge saves;
+    # a normal tensor even under inference_mode, so a later training step can save it for backward
+    with torch.inference_mode(False), torch.no_grad():
+        return _area_matrix(n_in, n_out, device, dtype)
 
 
 def area_pool(x: torch.Tensor, ry: torch.Tensor, rx: torch.Tensor) -> torch.Tensor:
@@ -77,7 +99,7 @@ def merge_grid(x: torch.Tensor, logits: torch.Tensor | None, keep: float
     height, width = merged_size(H, W, keep)
     if height == H and width == W:  # nothing merged: G is the identity, the tokens pass as they are
         return x, logits
-    ry, rx = area_matrix(H, height, x), area_matrix(W, width, x)  # once per call, for every pool below
+    ry, rx = area_matrix(H, height, x), area_matrix(W, width, x)
     if logits is None:
         return area_pool(x, ry, rx) / area_pool(torch.ones_like(x[:, :1]), ry, rx), None
     # a shift common to a whole map cancels in every column; the clamp keeps far-off tokens from

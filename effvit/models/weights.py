@@ -333,6 +333,21 @@ def load_checkpoint(model: nn.Module, source: str | Path, sha256: str | None = N
 
 
 # -- writing ---------------------------------------------------------------------------------------
+def model_meta(model: nn.Module, extra: dict | None = None) -> dict:
+    """What a reader needs to rebuild the network: architecture, classes, input size and channels, the
+    distillation head and token merging; ``extra`` added over it."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    meta = {"arch": getattr(model, "variant", None) or cfg.get("architecture") or type(model).__name__,
+            "num_classes": getattr(model, "num_classes", None),
+            "img_size": list(getattr(model, "img_size", ())) or None,
+            "in_chans": getattr(model, "in_chans", None),
+            "distillation": getattr(model, "distillation", False)}
+    if getattr(model, "ltm", None) is not None:
+        meta.update(ltm=list(model.ltm), ltm_mode=model.ltm_mode)
+    meta.update(extra or {})
+    return meta
+
+
 def save_checkpoint(model: nn.Module, path: str | Path, meta: dict | None = None) -> Path:
     """Write the model's weights in timm layout: ``.safetensors`` (loadable by timm as is) or an effvit
     ``.pth``, both with metadata (architecture, classes and their names, input size and channels,
@@ -344,12 +359,9 @@ def save_checkpoint(model: nn.Module, path: str | Path, meta: dict | None = None
     path.parent.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     cfg = getattr(model, "pretrained_cfg", None) or {}
-    meta = {"arch": getattr(model, "variant", None), "num_classes": getattr(model, "num_classes", None),
-            "img_size": list(getattr(model, "img_size", ())), "in_chans": getattr(model, "in_chans", None),
-            "distillation": getattr(model, "distillation", False),
-            **{k: cfg[f] for k, f in (("mean", "mean"), ("std", "std"), ("interpolation", "interpolation"),
-                                      ("crop_pct", "crop_pct"), ("class_names", "label_names")) if cfg.get(f)},
-            **(meta or {})}
+    preprocessing = {k: cfg[f] for k, f in (("mean", "mean"), ("std", "std"), ("interpolation", "interpolation"),
+                                            ("crop_pct", "crop_pct"), ("class_names", "label_names")) if cfg.get(f)}
+    meta = model_meta(model, {**preprocessing, **(meta or {})})
     meta = {k: list(v) if isinstance(v, tuple) else v for k, v in meta.items()}
     tmp = path.with_name(path.name + ".tmp")
     if path.suffix == ".safetensors":

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from effvit.models.weights import FORMAT_TAG, describe_load_error
+from effvit.models.weights import FORMAT_TAG, describe_load_error, model_meta
 
 
 # -- random number generators ----------------------------------------------------------------------
@@ -117,18 +117,6 @@ def save_epoch(state: dict, last: str | Path, best: str | Path | None = None) ->
         _replace_synced(tmp, last)
     finally:
         tmp.unlink(missing_ok=True)
-
-
-def model_meta(model: nn.Module, extra: dict | None = None) -> dict:
-    """What a reader needs to rebuild the network and its preprocessing."""
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    meta = {"arch": getattr(model, "variant", None) or cfg.get("architecture") or type(model).__name__,
-            "num_classes": getattr(model, "num_classes", None),
-            "img_size": list(getattr(model, "img_size", ())) or None,
-            "in_chans": getattr(model, "in_chans", None),
-            "distillation": getattr(model, "distillation", False)}
-    meta.update(extra or {})
-    return meta
 
 
 def cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
