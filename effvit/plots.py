@@ -7,6 +7,7 @@ from pathlib import Path
 
 def pyplot():
     """``matplotlib.pyplot`` on the file-only Agg backend (no display needed, safe in DDP workers)."""
+    # heavy: loaded only when a figure is drawn; the backend must be chosen before pyplot is imported
     import matplotlib
 
     matplotlib.use("Agg")

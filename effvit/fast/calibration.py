@@ -14,8 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from torch.utils.data import Dataset
 
+from effvit.train.data import FashionMNIST, ImageFolder, ImageList, Unreadable, find_classes, list_images
 from effvit.train.inference import class_names, image_mode
 
 __all__ = ["ImageSets", "image_sets", "batches"]
@@ -40,8 +42,6 @@ def _sample(n_total: int, n: int, seed: int) -> list[int]:
 def _dataset_splits(model, transform, data_root: str | None) -> tuple[Dataset, Dataset, str] | None:
     """(training split, labelled held-out split, name of the held-out split) of the checkpoint's
     dataset, or None where it cannot be had (outside weights, or a folder dataset without its root)."""
-    from effvit.train.data import FashionMNIST, ImageFolder, find_classes
-
     dataset, mode = model.pretrained_cfg.get("dataset"), image_mode(model)
     if dataset == "fashion_mnist":
         return (FashionMNIST(data_root, train=True, transform=transform, mode=mode),
@@ -63,8 +63,6 @@ def image_sets(model, transform, *, folder: str | Path | None = None, data_root:
     replaces the calibration images; without a labelled dataset, the images of ``folder`` not used to
     calibrate are the (label-free) held-out set. ``held_out_images=0`` takes the whole held-out split.
     """
-    from effvit.train.data import ImageList, list_images
-
     if calibration_images < 1:
         raise ValueError(f"calibration needs at least one image, got {calibration_images}")
     splits = _dataset_splits(model, transform, data_root)
@@ -99,10 +97,6 @@ def image_sets(model, transform, *, folder: str | Path | None = None, data_root:
 def batches(dataset: Dataset, indices: Sequence[int], batch_size: int = 64, labels: bool = True,
             skipped: list[str] | None = None) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
     """(images float32 NCHW, labels or None) in batches; unreadable files go to ``skipped``."""
-    import torch
-
-    from effvit.train.data import Unreadable
-
     for start in range(0, len(indices), batch_size):
         xs, ys = [], []
         for i in indices[start:start + batch_size]:

@@ -108,7 +108,7 @@ def verify_onnx(path: str | Path, model: nn.Module, img_size: int | tuple[int, i
                 atol: float = 1e-4) -> float:
     """Max abs difference between ONNX Runtime (CPU) and the PyTorch model (unfused when given);
     ValueError above ``atol``."""
-    import onnxruntime as ort
+    import onnxruntime as ort  # optional (the export extra) and heavy: loaded only to verify
 
     _, ref = _prepare(model)
     size = _size(img_size)

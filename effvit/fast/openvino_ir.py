@@ -11,8 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from .cpuinfo import bf16_unit
+from .export import VERIFY_BATCHES, _example, _prepare, _size, _write_verified
 
 __all__ = ["PRECISIONS", "export_openvino", "openvino_predictor", "verify_openvino"]
 
@@ -25,10 +27,7 @@ def export_openvino(onnx_path: str | Path, xml_path: str | Path, model=None, img
     fp32 weights (no fp16 compression: the parity check compares against fp32). With ``model`` the IR is
     checked against it (``verify_openvino``) before it takes its name: a failed check leaves no file and
     keeps an earlier IR. Returns the verified max abs difference (None without ``model``)."""
-    import openvino as ov
-
-    from .export import _write_verified
-
+    import openvino as ov  # optional (the export extra) and heavy: loaded only where it is used
     xml_path = Path(xml_path)
     if xml_path.suffix != ".xml":
         raise ValueError(f"an OpenVINO IR path ends in .xml, got {xml_path}")
@@ -68,10 +67,6 @@ def openvino_predictor(path: str | Path, threads: int = 1, precision: str = "f32
 def verify_openvino(path: str | Path, model, img_size: int | tuple[int, int] = 224, atol: float = 1e-4) -> float:
     """Max abs difference between the IR run by OpenVINO (f32) and the PyTorch model (unfused when
     given) on batches of two sizes; ValueError above ``atol``."""
-    import torch
-
-    from .export import VERIFY_BATCHES, _example, _prepare, _size
-
     _, ref = _prepare(model)
     size = _size(img_size)
     predict = openvino_predictor(path, threads=0, precision="f32")

@@ -19,6 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
+from .calibration import batches
+from .export import _write_verified
+
+# onnx and onnxruntime are optional (the export extra) and heavy: each function imports what it uses
+
 __all__ = ["DEFAULT_INT8_OPS", "CALIBRATION_METHODS", "quantize_onnx", "export_int8", "Agreement",
            "compare_predictions", "ort_predictor", "graph_op_types"]
 
@@ -62,6 +67,7 @@ def quantize_onnx(fp32_path: str | Path, out_path: str | Path, calibration: Iter
     quantize, softmax and the attention products included); ``method`` sets the activation ranges
     (minmax, or percentile/entropy to clip outliers). Returns the number of calibration images.
     """
+    import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -79,14 +85,12 @@ def quantize_onnx(fp32_path: str | Path, out_path: str | Path, calibration: Iter
                "entropy": CalibrationMethod.Entropy}
     if method not in methods:
         raise ValueError(f"unknown calibration method {method!r}; choose from {', '.join(methods)}")
-    import onnx
-
-    batches = iter(calibration)
-    first = next(batches, None)
+    images = iter(calibration)
+    first = next(images, None)
     if first is None:
         raise ValueError("no calibration images: pass a folder of images or a checkpoint trained on a dataset")
     input_name = onnx.load(str(fp32_path), load_external_data=False).graph.input[0].name
-    reader = _calibration_reader(itertools.chain([first], batches), input_name)
+    reader = _calibration_reader(itertools.chain([first], images), input_name)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_path.parent) as tmp:
@@ -179,9 +183,6 @@ def export_int8(fp32_path: str | Path, out_path: str | Path, sets, ops: Iterable
     held-out images. Returns (calibration images, agreement, skipped unreadable files). The int8 file is
     written aside and takes its name only when the check passes: below ``min_agreement`` nothing is left
     (an earlier file at ``out_path`` is kept) and ValueError says by how much it missed."""
-    from .calibration import batches
-    from .export import _write_verified
-
     skipped: list[str] = []
     result: dict = {}
 

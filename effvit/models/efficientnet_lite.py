@@ -18,6 +18,7 @@ import importlib
 from collections.abc import Mapping
 from pathlib import Path
 
+import timm
 import torch
 from torch import nn
 
@@ -92,8 +93,6 @@ def load_package_weights(model: nn.Module, name: str = "efficientnet_lite0") -> 
 
 
 def _build_timm(name: str, **kwargs) -> nn.Module:
-    import timm
-
     return timm.create_model(_timm_name(name), **kwargs)
 
 

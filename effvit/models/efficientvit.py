@@ -898,7 +898,7 @@ class EfficientVitMsra(nn.Module):
 def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
     """timm's hook for loading a checkpoint into ``model``: official or timm layout, bias tables resized
     to the model's windows, the head left out if the model has none."""
-    from .weights import fit_state_dict, is_official_layout, official_to_timm  # weights imports this module
+    from .weights import fit_state_dict, is_official_layout, official_to_timm  # cycle: weights imports efficientvit
 
     sd = official_to_timm(state_dict) if is_official_layout(state_dict) else dict(state_dict)
     return fit_state_dict(model, sd, strict_head=False)

@@ -13,13 +13,14 @@ import dataclasses
 from functools import lru_cache
 
 from timm.models import PretrainedCfg
+from torchvision.models import ResNet18_Weights
 
 from .efficientvit import IMAGENET_MEAN, IMAGENET_STD, VARIANTS
 
 TAG = "r224_in1k"
 # Official release (microsoft/Cream EfficientViT, MIT licence); timm mirrors the same tensors as
-# timm/efficientvit_m{0..5}.r224_in1k. Their SHA-256 are not pinned: the files could not be fetched where
-# this table was written; pass pretrained_sha256= to have a download checked.
+# timm/efficientvit_m{0..5}.r224_in1k. Their SHA-256 are not pinned: pass pretrained_sha256= to have a
+# download checked.
 RELEASE_URL = "https://github.com/xinyuliu-jeffrey/EfficientViT_Model_Zoo/releases/download/v1.0/{}.pth"
 PAPER = "EfficientViT: Memory Efficient Vision Transformer with Cascaded Group Attention"
 
@@ -27,8 +28,6 @@ PAPER = "EfficientViT: Memory Efficient Vision Transformer with Cascaded Group A
 @lru_cache(maxsize=1)
 def imagenet_categories() -> tuple[str, ...]:
     """The 1000 ImageNet-1k class names, in index order (torchvision ships them with its weights)."""
-    from torchvision.models import ResNet18_Weights
-
     return tuple(ResNet18_Weights.IMAGENET1K_V1.meta["categories"])
 
 
@@ -36,7 +35,7 @@ def default_cfg(variant: str) -> PretrainedCfg:
     """The released ImageNet-1k weights of ``variant`` and the paper's evaluation transform."""
     try:
         names = imagenet_categories()
-    except Exception:  # torchvision missing or changed: names are a convenience, not a requirement
+    except Exception:  # a torchvision without this metadata: names are a convenience, not a requirement
         names = None
     v = VARIANTS[variant]
     return PretrainedCfg(

@@ -19,6 +19,9 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from timm.models import adapt_input_conv
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -142,8 +145,6 @@ def _read_file(path: Path) -> Mapping:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         try:
             return load_file(str(path))
         except Exception as e:
@@ -157,8 +158,6 @@ def _read_file(path: Path) -> Mapping:
 
 def _safetensors_meta(path: Path) -> dict:
     """The metadata ``save_checkpoint`` writes into a .safetensors header (JSON values)."""
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="pt") as f:
         raw = f.metadata() or {}
     meta = {}
@@ -280,8 +279,6 @@ def fit_state_dict(model: nn.Module, sd: Mapping[str, torch.Tensor], strict_head
     """Adapt ``sd`` to ``model``: resize bias tables, adapt the first conv to other input channels and,
     when ``strict_head`` is False, leave a head of another class count to the model's fresh init.
     Raises ValueError naming the mismatched keys and shapes for anything else."""
-    from timm.models import adapt_input_conv
-
     target = model.state_dict()
     sd = dict(sd)
     for k, v in list(sd.items()):
@@ -365,8 +362,6 @@ def save_checkpoint(model: nn.Module, path: str | Path, meta: dict | None = None
     meta = {k: list(v) if isinstance(v, tuple) else v for k, v in meta.items()}
     tmp = path.with_name(path.name + ".tmp")
     if path.suffix == ".safetensors":
-        from safetensors.torch import save_file
-
         save_file(sd, str(tmp), metadata={k: json.dumps(v) for k, v in meta.items()})
     else:
         torch.save({"format": FORMAT_TAG, "state_dict": sd, "meta": meta}, tmp)

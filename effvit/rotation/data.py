@@ -25,6 +25,8 @@ from PIL import Image, ImageFilter, ImageOps
 from torch.utils.data import Dataset
 
 from effvit.images import note_first_frame, to_mode
+from effvit.train.data import FashionMNIST, Unreadable
+from effvit.train.data import list_images as list_one
 
 from .geometry import CROPS, rotate_crop
 
@@ -34,8 +36,6 @@ FULL_CIRCLE = (0.0, 360.0)
 def list_images(*roots: str | Path) -> list[Path]:
     """Image files in the given files/folders (folders searched recursively, sorted); an empty folder
     or a missing path raises with its name."""
-    from effvit.train.data import list_images as list_one
-
     return [p for root in roots for p in list_one(root)]
 
 
@@ -153,8 +153,6 @@ def fashion_mnist(split: str = "train", root: str | Path | None = None,
                   pad_to: int | None = 40) -> ArrayImages:
     """Fashion-MNIST images (the engine's IDX reader) as an upright source; 28x28 zero-padded to 40x40
     (more than 28 * sqrt 2) by default, so a rotation about the centre never cuts the garment."""
-    from effvit.train.data import FashionMNIST
-
     if split not in ("train", "test"):
         raise ValueError(f"Fashion-MNIST split must be 'train' or 'test', got {split!r}")
     images = FashionMNIST(root, train=split == "train").images
@@ -272,8 +270,6 @@ class RotatedImages(Dataset):
         try:
             img, theta = self.render(i)
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-            from effvit.train.data import Unreadable
-
             # the engine's collate drops it and reports the file by name instead of crashing a worker
             return Unreadable(self.name(i), f"{type(e).__name__}: {e}")
         return to_input(img, self.size, self.mean, self.std), torch.tensor(theta, dtype=torch.float32)

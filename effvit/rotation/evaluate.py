@@ -16,6 +16,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from effvit.plots import pyplot, save_figure
+from effvit.train.data import skip_collate
+from effvit.train.logger import write_csv
+
 from .metrics import circular_error, format_metrics, rotation_metrics
 from .model import RotationModel
 
@@ -48,8 +52,6 @@ def evaluate_rotation(model: RotationModel, dataset, *, window: tuple[float, flo
                       batch_size: int = 128, workers: int = 0, device: str | torch.device = "cpu",
                       progress: bool = True) -> RotationEval:
     """Predict every sample of a fixed-angle ``RotatedImages`` and score the predictions."""
-    from effvit.train.data import skip_collate
-
     model = model.to(device).eval()
     method = model.method
     loader = DataLoader(_Indexed(dataset), batch_size=batch_size, shuffle=False, num_workers=workers,
@@ -101,8 +103,6 @@ def selective_metrics(errors: np.ndarray, confidence: np.ndarray,
 
 def plot_errors(rows: list[dict], path: str | Path, title: str = "") -> Path:
     """Signed-error histogram (log counts, full circle) and the cumulative |error| curve up to 20 deg."""
-    from effvit.plots import pyplot, save_figure
-
     plt = pyplot()
 
     e = np.array([r["error"] for r in rows])
@@ -128,8 +128,6 @@ def plot_errors(rows: list[dict], path: str | Path, title: str = "") -> Path:
 def write_report(result: RotationEval, out_dir: str | Path, title: str = "",
                  extra: dict | None = None) -> dict:
     """metrics.json, predictions.csv and errors.png under ``out_dir``; returns their paths."""
-    from effvit.train.logger import write_csv
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"metrics": out / "metrics.json", "predictions": out / "predictions.csv",

@@ -18,9 +18,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import timm
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from timm.data import resolve_model_data_config
 from torch import nn
 
+from effvit.models import create_model, list_models
+from effvit.models.efficientnet_lite import IMAGENET, create_pretrained, has_package_weights
 from effvit.models.weights import read_checkpoint
 
 from .methods import RotationMethod, get_method, mlp_head, wrap180, wrap360
@@ -31,8 +37,6 @@ _META_KEY = "effvit_rotation"
 
 def _effvit_name(name: str) -> str | None:
     """'m0' / 'efficientvit_m0' / 'effvit/efficientvit_m0' -> 'efficientvit_m0'; None for timm names."""
-    from effvit.models import list_models
-
     n = name.strip().lower()
     if n.startswith("timm/"):
         return None
@@ -44,20 +48,13 @@ def _effvit_name(name: str) -> str | None:
 def build_backbone(name: str, num_classes: int, img_size: int, in_chans: int,
                    pretrained: bool | str | Path | None = None) -> tuple[nn.Module, dict]:
     """(network with ``num_classes`` outputs, 0 = pooled features; its normalisation {'mean','std'})."""
-    from effvit.models.efficientnet_lite import IMAGENET, create_pretrained, has_package_weights
-
     if pretrained == IMAGENET:
         pretrained = True
     eff = _effvit_name(name)
     if eff is not None:
-        from effvit.models import create_model
-
         model = create_model(eff, pretrained=pretrained or False, num_classes=num_classes, img_size=img_size,
                              in_chans=in_chans)
         return model, {"mean": model.pretrained_cfg["mean"], "std": model.pretrained_cfg["std"]}
-    import timm
-    from timm.data import resolve_model_data_config
-
     tname = name[5:] if name.lower().startswith("timm/") else name
     if not timm.list_models(tname.split(".")[0]) and not timm.is_model(tname):
         raise ValueError(f"unknown backbone {name!r}: use an effvit model (m0..m5) or a timm model name "
@@ -151,8 +148,6 @@ class RotationModel(nn.Module):
 def save_rotation_model(model: RotationModel, path: str | Path, half: bool = False,
                         extra: dict | None = None) -> Path:
     """Weights + config in one .safetensors file (``half``: fp16 tensors, half the size)."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"save rotation models as .safetensors, got {path.name}")
@@ -167,8 +162,6 @@ def save_rotation_model(model: RotationModel, path: str | Path, half: bool = Fal
 
 
 def read_rotation_config(path: str | Path) -> dict:
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata() or {}
     if _META_KEY not in meta:
