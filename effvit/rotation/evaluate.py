@@ -16,6 +16,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from effvit.outputs import write_csv
+
 from .metrics import circular_error, format_metrics, rotation_metrics
 from .model import RotationModel
 
@@ -128,8 +130,6 @@ def plot_errors(rows: list[dict], path: str | Path, title: str = "") -> Path:
 def write_report(result: RotationEval, out_dir: str | Path, title: str = "",
                  extra: dict | None = None) -> dict:
     """metrics.json, predictions.csv and errors.png under ``out_dir``; returns their paths."""
-    from effvit.train.logger import write_csv
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"metrics": out / "metrics.json", "predictions": out / "predictions.csv",
