@@ -31,6 +31,7 @@ from .data import (
     find_classes,
 )
 from .distill import DistillationLoss, build_teacher
+from .ib_loss import IBLoss, PreLogits
 from .metrics import classification_stats, summarize_classification
 from .task import Task
 
@@ -94,6 +95,18 @@ class DistillConfig:
 
 
 @dataclass
+class IBConfig:
+    """The information-bottleneck bound of learnable token merging (``effvit.train.ib_loss``), added to the
+    criterion as a plug-in: off at weight 0; works with any classifier that has ``get_classifier()``."""
+
+    weight: float = 0.0  # 0: off (the LTM paper: 0.1)
+    start_epoch: int = 0  # epochs of the criterion alone first (the LTM paper: 30% of the run)
+    num_clusters: int = 100  # k-means centroids of the inputs and of the pre-logit features
+    beta: float = 1.0  # sharpness of the soft cluster assignments
+    input_size: int | None = 32  # images are area-resized to this before clustering (None: full size)
+
+
+@dataclass
 class ClassificationConfig(Config):
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -103,6 +116,7 @@ class ClassificationConfig(Config):
     ema: EmaConfig = field(default_factory=EmaConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    ib: IBConfig = field(default_factory=IBConfig)
 
 
 def load_classification_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), *,
@@ -156,7 +170,9 @@ def build_transform(aug, img_size: int, in_chans: int, is_training: bool):
 
 
 class ClassificationTask(Task):
-    """Cross-entropy classification with optional mixup/cutmix, label smoothing and a teacher."""
+    """Cross-entropy classification with optional mixup/cutmix, label smoothing, a teacher and the IB loss
+    plug-in (``ib``: an ``IBLoss`` fed the training images and the pre-logit features, its banks refitted
+    at the end of each epoch)."""
 
     best_metric = "top1"
     best_mode = "max"
@@ -164,7 +180,8 @@ class ClassificationTask(Task):
     def __init__(self, model: nn.Module, train_dataset, val_dataset=None, *, num_classes: int,
                  class_names: list[str] | None = None, mixup=None, smoothing: float = 0.0,
                  teacher: nn.Module | None = None, distill_kind: str = "hard", distill_alpha: float = 0.5,
-                 distill_tau: float = 1.0, teacher_img_size: int | None = None, meta: dict | None = None):
+                 distill_tau: float = 1.0, teacher_img_size: int | None = None, ib: IBLoss | None = None,
+                 meta: dict | None = None):
         meta = {"task": "classification", "num_classes": num_classes, "class_names": class_names,
                 **(meta or {})}
         super().__init__(model, train_dataset, val_dataset, meta=meta)
@@ -185,10 +202,23 @@ class ClassificationTask(Task):
             criterion = nn.CrossEntropyLoss()
         self.criterion = (DistillationLoss(criterion, distill_kind, distill_alpha, distill_tau)
                           if teacher is not None else criterion)
+        self.ib = ib
+        self.features = PreLogits(model) if ib is not None else None
+        self.epoch = 0
+        self.ib_inputs: torch.Tensor | None = None  # the training batch the next loss() belongs to
+
+    def start_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def end_epoch(self, epoch: int) -> None:
+        if self.ib is not None:
+            self.ib.refresh()
 
     def prepare(self, device: torch.device) -> None:
         if self.teacher is not None:
             self.teacher.to(device)
+        if self.ib is not None:
+            self.ib.to(device)
 
     def train_batch(self, inputs: torch.Tensor, targets: Any):
         if self.mixup is not None:
@@ -202,6 +232,8 @@ class ClassificationTask(Task):
                     t_in = F.interpolate(inputs, size=self.teacher_img_size, mode="bicubic",
                                          align_corners=False)
                 targets = (targets, self.teacher(t_in))
+        if self.ib is not None:
+            self.ib_inputs = inputs
         return inputs, targets
 
     def loss(self, outputs: Any, targets: Any) -> torch.Tensor:
@@ -209,7 +241,12 @@ class ClassificationTask(Task):
         outputs = tuple(o.float() for o in outputs) if isinstance(outputs, (tuple, list)) else outputs.float()
         if self.teacher is None and isinstance(outputs, tuple):
             outputs = (outputs[0] + outputs[1]) / 2  # a distillation head trained without a teacher
-        return self.criterion(outputs, targets)
+        loss = self.criterion(outputs, targets)
+        if self.ib_inputs is not None:  # a training step with the IB plug-in on
+            labels = targets[0] if self.teacher is not None else targets
+            loss = loss + self.ib(self.ib_inputs, self.features.value, labels, self.epoch)
+            self.ib_inputs = None
+        return loss
 
     def eval_stats(self, outputs: Any, targets: torch.Tensor) -> dict[str, torch.Tensor]:
         if isinstance(outputs, (tuple, list)):
@@ -327,13 +364,17 @@ def build_classification_task(cfg: ClassificationConfig, log=print) -> Classific
     if dc.teacher and dc.type != "none":
         teacher = build_teacher(dc.teacher, dc.teacher_checkpoint, num_classes, cfg.model.in_chans,
                                 dc.teacher_img_size or cfg.model.img_size)
+    ib = None
+    if cfg.ib.weight > 0:
+        ib = IBLoss(num_classes, num_clusters=cfg.ib.num_clusters, beta=cfg.ib.beta, weight=cfg.ib.weight,
+                    start_epoch=cfg.ib.start_epoch, input_size=cfg.ib.input_size, seed=cfg.run.seed)
     meta = {"dataset": cfg.data.dataset, "img_size": cfg.model.img_size, "in_chans": cfg.model.in_chans,
             "mean": list(a.mean), "std": list(a.std), "interpolation": a.interpolation,
             "crop_pct": a.crop_pct}
     task = ClassificationTask(model, train_ds, val_ds, num_classes=num_classes, class_names=list(classes),
                               mixup=mixup, smoothing=a.smoothing, teacher=teacher, distill_kind=dc.type,
                               distill_alpha=dc.alpha, distill_tau=dc.tau,
-                              teacher_img_size=dc.teacher_img_size, meta=meta)
+                              teacher_img_size=dc.teacher_img_size, ib=ib, meta=meta)
     task.name = f"{cfg.model.name.removeprefix('efficientvit_')}-{cfg.data.dataset}"
     task.channels_last, task.freeze_bn = cfg.model.channels_last, cfg.model.freeze_bn
     task.strict = cfg.data.strict
