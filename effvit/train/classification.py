@@ -131,7 +131,8 @@ def _posterize(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
     """timm's posterize, with 0 bits meaning what it meant before Pillow 11 (an all-black image).
 
     RandAugment's 'inc1' posterize asks for 0 bits at magnitude 10, which rand-m9-mstd0.5 reaches for
-    ~2% of its draws; recent Pillow raises on it and the loader worker dies mid-epoch."""
+    ~2% of its draws; Pillow >= 11 raises on it (timm 1.0.31 with Pillow 13 still does) and the loader
+    worker dies mid-epoch. Set on timm's RandAugment ops by ``build_transform``, its only user."""
     from PIL import ImageOps
 
     if bits_to_keep >= 8:
@@ -167,8 +168,7 @@ def build_transform(aug, img_size: int, in_chans: int, is_training: bool):
     return tf
 
 
-
-
+# -- the task --------------------------------------------------------------------------------------
 class ClassificationTask(Task):
     """Cross-entropy classification with optional mixup/cutmix, label smoothing, a teacher and the IB loss
     plug-in (``ib``: an ``IBLoss`` fed the training images and the pre-logit features, its banks refitted
