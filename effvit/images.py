@@ -5,6 +5,7 @@ Pillow opens 16-bit greyscale PNG and TIFF as 'I;16' (older versions 'I') and fl
 ``to_mode`` scales by the image's range first: 16-bit values by 255/65535, floats in [0, 1] by 255
 (other floats, and 32-bit integers beyond 16 bits, from their own minimum and maximum). CMYK, palette and
 the other 8-bit modes convert as Pillow does. Of an animated image the first frame is used (and said).
+``list_images`` finds the image files of a path (a file, or a folder searched recursively).
 """
 
 from __future__ import annotations
@@ -16,6 +17,20 @@ import numpy as np
 from PIL import Image
 
 HIGH_BIT_MODES = ("I", "F", "I;16", "I;16L", "I;16B", "I;16N")
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+
+
+def list_images(path: str | Path) -> list[Path]:
+    """An image file, or every image under a folder (recursively, sorted)."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{p} does not exist")
+    if p.is_file():
+        return [p]
+    files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMG_EXTENSIONS)
+    if not files:
+        raise ValueError(f"no images under {p} (extensions: {', '.join(IMG_EXTENSIONS)})")
+    return files
 
 
 def is_high_bit(img: Image.Image) -> bool:

@@ -1,9 +1,12 @@
 """Output locations, checked before the work that fills them: a long evaluation or a folder of photos is
-not computed only to find at the end that nothing can be written."""
+not computed only to find at the end that nothing can be written; and ``write_csv``, a table written
+whole or not at all."""
 
 from __future__ import annotations
 
+import csv
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 
@@ -36,3 +39,21 @@ def writable_file(path: str | Path, flag: str = "--output") -> Path:
         except OSError as e:
             raise OSError(f"cannot write {path} ({e.strerror or e}): choose another file with {flag}") from None
     return path
+
+
+def write_csv(rows: Sequence[dict], path: Path) -> None:
+    """``rows`` as CSV (the union of their keys as columns; floats to 6 digits), replacing ``path`` atomically."""
+    fields: list[str] = []
+    for r in rows:
+        fields += [k for k in r if k not in fields]
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: _fmt(r.get(k)) for k in fields})
+    tmp.replace(path)
+
+
+def _fmt(v):
+    return f"{v:.6g}" if isinstance(v, float) else ("" if v is None else v)

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from effvit.train import Config, Task, load_config
+from effvit.train import ClassificationConfig, EngineConfig, Task, load_classification_config, load_config
 
 
 def make_image_folder(root: Path, classes=("circle", "square"), n_train: int = 8, n_val: int = 4,
@@ -27,9 +27,9 @@ def make_image_folder(root: Path, classes=("circle", "square"), n_train: int = 8
     return root
 
 
-def tiny_config(data: Path, out: Path, *overrides: str) -> Config:
+def tiny_config(data: Path, out: Path, *overrides: str) -> ClassificationConfig:
     """M0 at 32 px, batch 4, no heavy augmentation, deterministic, quiet."""
-    return load_config("fashion_mnist_m0", [
+    return load_classification_config("fashion_mnist_m0", [
         "data.dataset=folder", f"data.root={data}", "data.batch_size=4", "data.val_batch_size=8",
         "data.num_workers=0", "model.img_size=32", "model.in_chans=3", "aug.mean=[0.5, 0.5, 0.5]",
         "aug.std=[0.25, 0.25, 0.25]", "aug.auto_augment=null", "aug.re_prob=0", "aug.scale=[0.8, 1.0]",
@@ -79,7 +79,8 @@ def ddp_rank(rank: int, world: int, init_file: str, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=60))
     ctx = DistContext(rank=rank, world_size=world)
-    cfg = load_config(None, ["sched.epochs=1", "run.progress=false", "run.log_interval=1", "optim.clip_grad=null"])
+    cfg = load_config(EngineConfig, None, ["sched.epochs=1", "run.progress=false", "run.log_interval=1",
+                                           "optim.clip_grad=null"])
     ds = SomeUnreadable(16)
     sampler = build_train_sampler(ds, ctx, seed=0)
     sampler.set_epoch(0)

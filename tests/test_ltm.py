@@ -266,10 +266,9 @@ def test_ib_loss_banks_refreshes_and_switches_on_at_its_start_epoch():
 
 
 def test_training_config_selects_token_merging():
-    from effvit.train.classification import build_model
-    from effvit.train.config import load_config
+    from effvit.train.classification import build_model, load_classification_config
 
-    cfg = load_config("fashion_mnist_m0", ["model.ltm=0.8", "model.ltm_mode=pool"])
+    cfg = load_classification_config("fashion_mnist_m0", ["model.ltm=0.8", "model.ltm_mode=pool"])
     model = build_model(cfg, num_classes=10, log=lambda *_: None)
     merges = [m for m in model.modules() if isinstance(m, TokenMerge)]
     assert len(merges) == 6 and all(m.keep == 0.8 and m.mode == "pool" for m in merges)

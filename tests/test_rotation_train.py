@@ -7,8 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from effvit.rotation.task import RotationSettings, RotationTask, split_indices
-from effvit.train import load_config
+from effvit.rotation.task import RotationSettings, RotationTask, load_rotation_config, split_indices
 
 PHOTOS = ("astronaut", "camera", "coffee", "chelsea", "rocket", "clock")
 
@@ -36,7 +35,7 @@ def tiny_config(root, out, **task):
                  "task.short_side=64", "task.repeats=100", "task.val_repeats=8",
                  "task.crop_scale=[1.0, 1.0]", "task.hflip=false", "task.jpeg=null", "task.blur=null"]
     overrides += [f"task.{k}={v}" for k, v in task.items()]
-    return load_config("rotation_photos_m0", overrides)
+    return load_rotation_config("rotation_photos_m0", overrides)
 
 
 @pytest.mark.slow
@@ -52,7 +51,7 @@ def test_tiny_training_on_photos_learns(photo_dir, tmp_path):
     cfg = tiny_config(photo_dir, tmp_path, method="uv", angle_range="[0, 360]")
     seed_everything(0)
     task = build_rotation_task(cfg, log=lambda *_: None)
-    assert len(task.train_dataset) == 600 and len(task.val_dataset) == 48
+    assert len(task.train_dataset) == 600 and len(task.val_dataset) == 48 and task.name == "m0-folder"
     result = train(task, cfg, output_dir=tmp_path / "run")
     maes = [round(h["val_mae"], 1) for h in result.history]
     assert min(maes) < 35.0 and maes[-1] < maes[0], maes
@@ -65,16 +64,52 @@ def test_tiny_training_on_photos_learns(photo_dir, tmp_path):
 
 
 def test_settings_are_checked():
-    cfg = load_config("rotation_photos_m0", ["task.methd=uv"])
     with pytest.raises(ValueError, match="did you mean task.method"):
-        RotationSettings.from_config(cfg)
-    cfg = load_config("rotation_photos_m0", ["task.method=angle"])
+        load_rotation_config("rotation_photos_m0", ["task.methd=uv"])
     with pytest.raises(ValueError, match="choose from"):
-        RotationSettings.from_config(cfg)
-    cfg = load_config("rotation_photos_m0", ["task.angle_range=[-10, 10]", "task.jpeg=[0.5, 30, 90]"])
-    s = RotationSettings.from_config(cfg)
+        load_rotation_config("rotation_photos_m0", ["task.method=angle"])
+    s = load_rotation_config("rotation_photos_m0", ["task.angle_range=[-10, 10]", "task.jpeg=[0.5, 30, 90]"]).task
     assert s.window == (-10.0, 10.0) and s.jpeg == (0.5, 30, 90)
     assert RotationSettings().window is None  # full circle
+
+
+def test_settings_rotation_does_not_use_are_refused():
+    """A classifier's aug.* and distill.* would do nothing here: they are refused, not ignored."""
+    for override in ("aug.mixup=0.8", "distill.teacher=efficientvit_m5"):
+        with pytest.raises(ValueError, match=f"unknown config section '{override[:override.index('.')]}' for "
+                                             "RotationConfig; sections: model, data, optim"):
+            load_rotation_config("rotation_photos_m0", [override])
+    with pytest.raises(ValueError, match="unknown setting model.finetune"):
+        load_rotation_config("rotation_photos_m0", ["model.finetune=m0.pth"])
+
+
+def test_rotation_recipes_resolve_to_their_values():
+    """The shipped recipes, on the neutral engine defaults, give the values they always had."""
+    cfg = load_rotation_config("rotation_fashion_mnist_m0")
+    assert (cfg.model.name, cfg.model.img_size, cfg.model.in_chans, cfg.data.dataset) == (
+        "efficientvit_m0", 40, 1, "fashion_mnist")
+    assert (cfg.data.batch_size, cfg.data.num_workers, cfg.data.pin_memory, cfg.data.repeated_aug) == (
+        128, 0, False, 1)
+    assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.clip_grad, cfg.optim.clip_mode) == (
+        2e-3, 0.025, 1.0, "norm")
+    assert (cfg.sched.epochs, cfg.sched.warmup_epochs, cfg.sched.min_lr, cfg.ema.enabled) == (10, 1, 1e-5, False)
+    assert (cfg.run.output, cfg.run.amp, cfg.task.method, cfg.task.crop) == (
+        "runs/rotation", "none", "cgd", "same")
+    cfg = load_rotation_config("rotation_photos_m0")
+    assert (cfg.model.img_size, cfg.data.batch_size, cfg.data.num_workers, cfg.optim.weight_decay) == (
+        128, 64, 1, 0.05)
+    assert (cfg.sched.epochs, cfg.run.log_interval, cfg.task.repeats, cfg.task.angle_range) == (30, 20, 32, (-45, 45))
+
+
+def test_timm_backbone_run_folder_is_one_level(tmp_path):
+    """model.name=timm/<name> names a backbone; the default run folder replaces its '/' (no nested folder)."""
+    from effvit.train import Task
+    from effvit.train.engine import default_run_name
+
+    task = Task(torch.nn.Linear(1, 1), [])
+    task.name = "timm/resnet18-folder"  # what build_rotation_task names a run of model.name=timm/resnet18
+    name = default_run_name(task)
+    assert "/" not in name and name.endswith("-timm-resnet18-folder")
 
 
 def test_task_metrics_match_rotation_metrics():

@@ -136,9 +136,9 @@ def test_torchrun_two_cpu_processes(tmp_path):
     """DDP over gloo: the ranks draw disjoint samples and end with identical weights (and BN statistics)."""
     data = make_image_folder(tmp_path / "data", n_train=8, n_val=2)  # 16 training images
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
-           "effvit", "train", *TINY, "--data", str(data), "--epochs", "2", "--output", str(tmp_path),
-           "--name", "ddp", "--set", "run.debug_ranks=true", "data.repeated_aug=1"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(REPO / "tests" / "_ddp_probe.py"), "train", *TINY, "--data", str(data), "--epochs", "2",
+           "--output", str(tmp_path), "--name", "ddp", "--set", "data.repeated_aug=1"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     run = tmp_path / "ddp"

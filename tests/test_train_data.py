@@ -12,8 +12,17 @@ import pytest
 import torch
 from _train_helpers import make_image_folder, tiny_config
 
-from effvit.train import Unreadable, build_classification_task, build_loader, evaluate, load_config, packaged_configs
-from effvit.train.config import Config
+from effvit.train import (
+    ClassificationConfig,
+    EngineConfig,
+    Unreadable,
+    build_classification_task,
+    build_loader,
+    evaluate,
+    load_classification_config,
+    load_config,
+    packaged_configs,
+)
 from effvit.train.data import FASHION_MNIST_DIR, FashionMNIST, build_train_sampler, read_idx
 from effvit.train.distributed import DistContext
 
@@ -100,33 +109,92 @@ def test_train_sampler_shards_ranks_and_repeats_augmentation():
 
 def test_shipped_configs_and_overrides():
     names = packaged_configs()
-    assert {f"efficientvit_m{i}" for i in range(6)} | {"fashion_mnist_m0"} <= set(names)
+    assert {f"efficientvit_m{i}" for i in range(6)} | {"imagenet", "fashion_mnist_m0"} <= set(names)
     for n in names:
-        load_config(n)
-    cfg = load_config("efficientvit_m4")
-    assert (cfg.model.name, cfg.sched.epochs, cfg.optim.weight_decay, cfg.optim.clip_grad) == (
-        "efficientvit_m4", 300, 0.025, 0.02)
-    assert cfg.aug.auto_augment == "rand-m9-mstd0.5-inc1" and cfg.data.repeated_aug == 3
-    assert cfg.ema.decay == 0.99996
-    assert load_config("efficientvit_m0").to_dict() == Config().to_dict() | {"run": load_config(
-        "efficientvit_m0").to_dict()["run"]}  # the dataclass defaults are the official recipe
-    cfg = load_config("efficientvit_m0", ["optim.base_lr=2e-3", "aug.scale=[0.5, 1]", "distill.teacher=null"])
+        if not n.startswith("rotation_"):
+            load_classification_config(n)
+    cfg = load_classification_config("efficientvit_m0", ["optim.base_lr=2e-3", "aug.scale=[0.5, 1]",
+                                                         "distill.teacher=null"])
     assert cfg.optim.base_lr == 2e-3 and cfg.aug.scale == (0.5, 1.0)
     with pytest.raises(ValueError, match=r"unknown setting optim.lrr \(did you mean optim.lr\?\)"):
-        load_config(None, ["optim.lrr=1"])
+        load_config(EngineConfig, None, ["optim.lrr=1"])
     with pytest.raises(ValueError, match="sched.epochs: expected an integer"):
-        load_config(None, ["sched.epochs=ten"])
+        load_config(EngineConfig, None, ["sched.epochs=ten"])
     with pytest.raises(ValueError, match="not KEY=VALUE"):
-        load_config(None, ["sched.epochs"])
+        load_config(EngineConfig, None, ["sched.epochs"])
+    with pytest.raises(ValueError, match="unknown config section 'aug' for EngineConfig"):
+        load_config(EngineConfig, None, ["aug.mixup=0.8"])
     with pytest.raises(FileNotFoundError, match="shipped configs"):
-        load_config("no_such_config")
+        load_classification_config("no_such_config")
+
+
+def test_each_variant_is_the_imagenet_recipe_with_its_model():
+    """efficientvit_m0..m5 resolve to imagenet.yaml, model.name aside: the recipe is stated once."""
+    recipe = load_classification_config("imagenet").to_dict()
+    for i in range(6):
+        variant = load_classification_config(f"efficientvit_m{i}").to_dict()
+        assert variant["model"].pop("name") == f"efficientvit_m{i}"
+        assert variant == {**recipe, "model": {k: v for k, v in recipe["model"].items() if k != "name"}}
+
+
+def test_imagenet_recipe_values():
+    """The official recipe, pinned (the engine's and the task's defaults are neutral: it is all data)."""
+    cfg = load_classification_config("efficientvit_m0")
+    d, a, o, s = cfg.data, cfg.aug, cfg.optim, cfg.sched
+    assert (cfg.model.name, cfg.model.img_size, d.batch_size, d.num_workers, d.repeated_aug) == (
+        "efficientvit_m0", 224, 256, 8, 3)
+    assert (a.mixup, a.cutmix, a.auto_augment, a.smoothing, a.re_prob, a.crop_pct) == (
+        0.8, 1.0, "rand-m9-mstd0.5-inc1", 0.1, 0.25, 0.875)
+    assert (s.epochs, s.warmup_epochs, o.base_lr, o.lr_base_size, o.weight_decay) == (300, 5, 1e-3, 512, 0.025)
+    assert (o.clip_grad, o.clip_mode, cfg.ema.enabled, cfg.ema.decay, cfg.run.amp) == (
+        0.02, "agc", True, 0.99996, "fp16")
+    neutral = ClassificationConfig()
+    assert (neutral.data.repeated_aug, neutral.aug.mixup, neutral.aug.cutmix, neutral.aug.auto_augment,
+            neutral.aug.re_prob, neutral.aug.smoothing, neutral.ema.enabled) == (1, 0, 0, None, 0, 0, False)
+    assert EngineConfig().to_dict().keys() == {"data", "optim", "sched", "ema", "run"}
+
+
+def test_fashion_mnist_recipe_values():
+    """fashion_mnist_m0 is the ImageNet recipe with its stated differences."""
+    cfg = load_classification_config("fashion_mnist_m0")
+    assert (cfg.model.img_size, cfg.model.in_chans, cfg.data.dataset, cfg.data.batch_size, cfg.data.num_workers,
+            cfg.data.repeated_aug, cfg.data.val_batch_size) == (112, 1, "fashion_mnist", 256, 1, 1, 500)
+    assert (cfg.aug.scale, cfg.aug.auto_augment, cfg.aug.re_prob, cfg.aug.mixup, cfg.aug.cutmix,
+            cfg.aug.smoothing, cfg.aug.crop_pct) == ((0.8, 1.0), None, 0.0, 0.0, 0.0, 0.1, 1.0)
+    assert (cfg.optim.lr, cfg.optim.clip_grad, cfg.optim.clip_mode, cfg.sched.epochs, cfg.sched.warmup_epochs,
+            cfg.sched.warmup_lr) == (2e-3, 0.02, "agc", 16, 1, 1e-5)
+    assert (cfg.ema.enabled, cfg.ema.decay, cfg.ema.warmup, cfg.run.amp, cfg.run.log_interval) == (
+        True, 0.9998, True, "none", 20)
+    # from the ImageNet recipe
+    assert (cfg.aug.ratio, cfg.aug.color_jitter, cfg.optim.base_lr, cfg.optim.weight_decay) == (
+        (0.75, 4 / 3), 0.4, 1e-3, 0.025)
+
+
+def test_recipe_base_chains_and_loops(tmp_path):
+    (tmp_path / "mine.yaml").write_text("base: efficientvit_m3\nsched:\n  epochs: 7\n")
+    (tmp_path / "child.yaml").write_text("base: mine.yaml\ndata:\n  batch_size: 32\n")
+    cfg = load_classification_config(tmp_path / "child.yaml")
+    assert (cfg.model.name, cfg.sched.epochs, cfg.data.batch_size, cfg.data.repeated_aug) == (
+        "efficientvit_m3", 7, 32, 3)
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ValueError, match="loops back"):
+        load_classification_config(tmp_path / "a.yaml")
+
+
+def test_saved_config_of_an_earlier_version_resumes():
+    """A run saved before run.debug_ranks was retired still gives its config (the retired key dropped)."""
+    saved = load_classification_config("fashion_mnist_m0").to_dict()
+    saved["run"]["debug_ranks"] = False
+    cfg = load_classification_config(None, base=saved)
+    assert cfg.to_dict() == load_classification_config("fashion_mnist_m0").to_dict()
 
 
 def test_lr_scaling_rule_and_no_decay_groups():
     from effvit.models import create_model
     from effvit.train.engine import build_optimizer
 
-    cfg = load_config("efficientvit_m0")
+    cfg = load_classification_config("efficientvit_m0")
     model = create_model("efficientvit_m0", num_classes=10, img_size=64)
     opt = build_optimizer(model, cfg, global_batch=2048)
     assert all(abs(g["lr"] - 4e-3) < 1e-12 for g in opt.param_groups)
@@ -188,7 +256,8 @@ def test_thread_count_does_not_follow_the_load_unless_asked(monkeypatch):
     monkeypatch.setattr(os, "getloadavg", lambda: (50.0, 50.0, 50.0))  # a very busy machine
     before = torch.get_num_threads()
     try:
-        for cfg in (load_config("fashion_mnist_m0"), load_config("fashion_mnist_m0", DEMO_OVERRIDES)):
+        for cfg in (load_classification_config("fashion_mnist_m0"),
+                    load_classification_config("fashion_mnist_m0", DEMO_OVERRIDES)):
             configure_threads(cfg.run.threads, DistContext())
             assert torch.get_num_threads() == before
         configure_threads("idle", DistContext())

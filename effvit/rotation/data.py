@@ -24,9 +24,9 @@ import torch
 from PIL import Image, ImageFilter, ImageOps
 from torch.utils.data import Dataset
 
+from effvit import images
 from effvit.images import note_first_frame, to_mode
 from effvit.train.data import FashionMNIST, Unreadable
-from effvit.train.data import list_images as list_one
 
 from .geometry import CROPS, rotate_crop
 
@@ -36,7 +36,7 @@ FULL_CIRCLE = (0.0, 360.0)
 def list_images(*roots: str | Path) -> list[Path]:
     """Image files in the given files/folders (folders searched recursively, sorted); an empty folder
     or a missing path raises with its name."""
-    return [p for root in roots for p in list_one(root)]
+    return [p for root in roots for p in images.list_images(root)]
 
 
 def load_upright(path: str | Path, short_side: int | None = None, mode: str = "RGB") -> Image.Image:

@@ -16,9 +16,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from effvit.outputs import write_csv
 from effvit.plots import pyplot, save_figure
 from effvit.train.data import skip_collate
-from effvit.train.logger import write_csv
 
 from .metrics import circular_error, format_metrics, rotation_metrics
 from .model import RotationModel

@@ -1,9 +1,10 @@
 """Rotation estimation as a ``Task`` of the training engine: model, data, loss and circular metrics.
 
 The engine (``effvit.train``) owns the loop: optimizer, schedule, checkpoints, resume, torchrun, logs.
-This module says what is learned. Settings live in the config's free-form ``task:`` section (checked
-against ``RotationSettings``); ``model.name / img_size / in_chans / pretrained`` pick the backbone and
-``data.dataset / root`` the upright images.
+This module says what is learned, and declares its settings (``RotationConfig``): the engine's sections,
+``model`` (the backbone: ``name`` is an effvit variant or ``timm/<name>``), ``data`` (where the upright
+images are, and the loader) and ``task`` (``RotationSettings``: head, angles, augmentation). Settings it
+does not use (a classifier's ``aug`` or ``distill``) are refused with the list of its sections.
 
 Validation metrics are summed statistics, as the engine requires: MAE, RMSE, acc@k and AUC@k exactly,
 median / P90 / P95 from a histogram of the errors in 0.05 degree bins (``effvit rotation eval`` computes
@@ -13,16 +14,25 @@ them exactly from every prediction).
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from effvit.train import Task
-from effvit.train.config import Config, set_section
+from effvit.images import list_images as list_image_files
+from effvit.train import FASHION_MNIST_MEAN, FASHION_MNIST_STD, Task
+from effvit.train.config import (
+    Config,
+    EmaConfig,
+    LoaderConfig,
+    OptimConfig,
+    RunConfig,
+    SchedConfig,
+    load_config,
+)
 
-from .data import FolderImages, RotatedImages, Subset, fashion_mnist, list_images
+from .data import FolderImages, RotatedImages, Subset, fashion_mnist
 from .methods import get_method
 from .metrics import THRESHOLDS, circular_error
 from .model import RotationModel
@@ -54,13 +64,6 @@ class RotationSettings:
     mean: tuple[float, ...] | None = None  # None: Fashion-MNIST's statistics, or the backbone's
     std: tuple[float, ...] | None = None
 
-    @classmethod
-    def from_config(cls, cfg: Config) -> RotationSettings:
-        s = cls()
-        set_section(s, cfg.task or {}, "task")
-        get_method(s.method)  # fail early on a typo
-        return s
-
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
@@ -68,6 +71,48 @@ class RotationSettings:
     def window(self) -> tuple[float, float] | None:
         lo, hi = self.angle_range
         return None if not self.restrict_to_range or hi - lo >= 360 else (lo, hi)
+
+
+@dataclass
+class BackboneConfig:
+    """The ``model`` section: the backbone the rotation head sits on."""
+
+    name: str = "efficientvit_m0"  # m0..m5, or a timm model as timm/<name>
+    img_size: int = 224
+    in_chans: int = 3
+    pretrained: str | None = None  # backbone weights (any layout), or 'imagenet' (see RotationModel)
+    freeze_bn: bool = False  # keep BatchNorm statistics fixed (small data sets)
+    channels_last: bool = False
+
+
+@dataclass
+class RotationDataConfig(LoaderConfig):
+    """Where the upright images are; the loader settings come from ``LoaderConfig``."""
+
+    dataset: str = "folder"  # folder (upright photos) | fashion_mnist
+    root: str | None = None  # folder: the images; fashion_mnist: the IDX files (None: Debian path)
+    train_split: str = "train"
+    val_split: str = "val"
+    strict: bool = False  # stop at the first image that cannot be decoded instead of skipping it
+
+
+@dataclass
+class RotationConfig(Config):
+    model: BackboneConfig = field(default_factory=BackboneConfig)
+    data: RotationDataConfig = field(default_factory=RotationDataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sched: SchedConfig = field(default_factory=SchedConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    task: RotationSettings = field(default_factory=RotationSettings)
+
+
+def load_rotation_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), *,
+                         base: RotationConfig | dict | None = None, values: dict | None = None) -> RotationConfig:
+    """``load_config`` for rotation (a recipe such as 'rotation_photos_m0', overrides), the head checked."""
+    cfg = load_config(RotationConfig, path, overrides, base=base, values=values)
+    get_method(cfg.task.method)  # fail early on a typo
+    return cfg
 
 
 class RotationTask(Task):
@@ -126,7 +171,7 @@ def split_indices(n: int, fraction: float, seed: int) -> tuple[list[int], list[i
     return sorted(order[k:].tolist()), sorted(order[:k].tolist())
 
 
-def build_sources(cfg: Config, s: RotationSettings, mode: str):
+def build_sources(cfg: RotationConfig, s: RotationSettings, mode: str):
     """(train source, val source) of upright images for ``cfg.data``."""
     d = cfg.data
     if d.dataset == "fashion_mnist":
@@ -148,26 +193,25 @@ def build_sources(cfg: Config, s: RotationSettings, mode: str):
     if (root / d.train_split).is_dir() and (root / d.val_split).is_dir():
         return (FolderImages.from_roots(root / d.train_split, **kw),
                 FolderImages.from_roots(root / d.val_split, **kw))
-    paths = list_images(root)
+    paths = list_image_files(root)
     tr, va = split_indices(len(paths), s.val_fraction, s.val_seed)
     return FolderImages([paths[i] for i in tr], **kw), FolderImages([paths[i] for i in va], **kw)
 
 
-def build_rotation_model(cfg: Config, s: RotationSettings) -> RotationModel:
+def build_rotation_model(cfg: RotationConfig, s: RotationSettings) -> RotationModel:
     m = cfg.model
     mean, std = s.mean, s.std
     if mean is None and cfg.data.dataset == "fashion_mnist":
-        from effvit.train.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD
-
         mean, std = (FASHION_MNIST_MEAN,), (FASHION_MNIST_STD,)
     return RotationModel(m.name, s.method, img_size=m.img_size, in_chans=m.in_chans,
                          pretrained=m.pretrained or None, mean=mean, std=std,
                          angle_range=s.angle_range, crop=s.crop)
 
 
-def build_rotation_task(cfg: Config, log=print) -> RotationTask:
+def build_rotation_task(cfg: RotationConfig, log=print) -> RotationTask:
     """Model, rotated datasets (fresh angles for training, fixed ones for validation) and metrics."""
-    s = RotationSettings.from_config(cfg)
+    s = cfg.task
+    get_method(s.method)
     if cfg.model.in_chans not in (1, 3):
         raise ValueError(f"model.in_chans must be 1 (grey) or 3 (RGB), got {cfg.model.in_chans}")
     mode = "L" if cfg.model.in_chans == 1 else "RGB"
@@ -183,7 +227,11 @@ def build_rotation_task(cfg: Config, log=print) -> RotationTask:
         f"crop {s.crop}, {c['img_size']} px")
     meta = {"task": "rotation", "arch": f"rotation-{s.method}-{cfg.model.name}", "rotation": plain(c),
             "settings": s.to_dict()}
-    return RotationTask(model, train_ds, val_ds, window=s.window, subdegree=s.subdegree, meta=meta)
+    task = RotationTask(model, train_ds, val_ds, window=s.window, subdegree=s.subdegree, meta=meta)
+    task.name = f"{cfg.model.name.removeprefix('efficientvit_')}-{cfg.data.dataset}"
+    task.channels_last, task.freeze_bn = cfg.model.channels_last, cfg.model.freeze_bn
+    task.strict = cfg.data.strict
+    return task
 
 
 def plain(d: dict) -> dict:

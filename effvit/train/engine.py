@@ -31,10 +31,8 @@ from .checkpoint import (
     capture_rng,
     check_same_arch,
     copy_atomic,
-    cpu_state,
     load_training_state,
     restore_rng,
-    save_atomic,
     save_epoch,
     training_state,
 )
@@ -246,7 +244,7 @@ def train_one_epoch(model: nn.Module, task: Task, loader, optimizer, *, epoch: i
                     raw_model: nn.Module | None = None, logger: RunLogger | None = None) -> dict[str, float]:
     raw_model = raw_model or model
     model.train()
-    if cfg.model.freeze_bn:
+    if task.freeze_bn:
         freeze_bn_stats(model)
     clip_params = [p for p in raw_model.parameters() if p.requires_grad]
     steps = len(loader)
@@ -260,7 +258,7 @@ def train_one_epoch(model: nn.Module, task: Task, loader, optimizer, *, epoch: i
     t0 = time.perf_counter()
     for i, batch in enumerate(bar):
         inputs, targets, bad = unpack_batch(batch)
-        report_skipped(bad, cfg.data.strict, ctx)
+        report_skipped(bad, task.strict, ctx)
         skipped += len(bad)
         n = batch_size_of(targets)
         # a step holds collectives (DDP's gradient all-reduce): every rank steps, or none does
@@ -273,7 +271,7 @@ def train_one_epoch(model: nn.Module, task: Task, loader, optimizer, *, epoch: i
                     f"at least {MIN_TRAIN_BATCH})")
         else:
             inputs, targets = to_device(inputs, ctx.device), to_device(targets, ctx.device)
-            if cfg.model.channels_last:
+            if task.channels_last:
                 inputs = inputs.contiguous(memory_format=torch.channels_last)
             num_updates = epoch * steps + i
             loss = train_step(model, task, inputs, targets, optimizer, device=ctx.device, amp=cfg.run.amp,
@@ -354,9 +352,9 @@ def evaluate(model: nn.Module, loader, task: Task, *, ctx: DistContext | None = 
 
 
 # -- the run ---------------------------------------------------------------------------------------
-def default_run_name(cfg: Config) -> str:
-    model = cfg.model.name.removeprefix("efficientvit_")
-    return f"{time.strftime('%Y%m%d-%H%M%S')}-{model}-{cfg.data.dataset}"
+def default_run_name(task: Task) -> str:
+    """The start time and the task's name, one folder level (a '/' in the name would nest folders)."""
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{task.name.replace('/', '-')}"
 
 
 def _better(value: float, best: float | None, mode: str) -> bool:
@@ -380,7 +378,7 @@ def train(task: Task, cfg: Config, *, output_dir: str | Path | None = None, resu
     configure_threads(r.threads, ctx)
     configure_determinism(r.deterministic)
     if output_dir is None:
-        output_dir = Path(resume).parent if resume else Path(r.output) / (r.name or default_run_name(cfg))
+        output_dir = Path(resume).parent if resume else Path(r.output) / (r.name or default_run_name(task))
     out = Path(du.broadcast_object(str(output_dir)))
     folder = RunFolder(out)
     notes = claim_run_folder(folder, ctx, resume=bool(resume), overwrite=r.overwrite)
@@ -417,12 +415,11 @@ def _train(task: Task, cfg: Config, out: Path, resume: str | Path | None, ctx: D
     seed_everything(r.seed + ctx.rank)  # ranks augment differently; DDP syncs the initial weights
 
     model = task.model.to(ctx.device)
-    if cfg.model.channels_last:
+    if task.channels_last:
         model = model.to(memory_format=torch.channels_last)
     task.prepare(ctx.device)
     d = cfg.data
-    sampler = build_train_sampler(task.train_dataset, ctx, r.seed, d.repeated_aug, d.train_fraction,
-                                  record=out / f"samples_rank{ctx.rank}.txt" if r.debug_ranks else None)
+    sampler = build_train_sampler(task.train_dataset, ctx, r.seed, d.repeated_aug, d.train_fraction)
     loader_kw = dict(ctx=ctx, num_workers=d.num_workers, pin_memory=d.pin_memory, collate_fn=task.collate_fn)
     train_loader = build_loader(task.train_dataset, d.batch_size, sampler=sampler, train=True, **loader_kw)
     val_loader = None
@@ -494,6 +491,7 @@ def _train(task: Task, cfg: Config, out: Path, resume: str | Path | None, ctx: D
                       disable=not (ctx.is_main and r.progress), initial=start_epoch, total=num_epochs)
     for epoch in epochs_bar:
         sampler.set_epoch(epoch)
+        task.start_epoch(epoch)
         try:
             row = train_one_epoch(train_model, task, train_loader, optimizer, epoch=epoch, cfg=cfg, ctx=ctx,
                                   scheduler=scheduler, scaler=scaler, ema=ema, raw_model=model, logger=logger)
@@ -505,6 +503,7 @@ def _train(task: Task, cfg: Config, out: Path, resume: str | Path | None, ctx: D
                    "gradient clipping on (optim.clip_grad), or use run.amp=bf16 instead of fp16")
             logger.info(f"error: {msg}")
             raise NonFiniteLossError(msg) from None
+        task.end_epoch(epoch)
         if scheduler is not None:
             scheduler.step(epoch + 1)
         if ctx.distributed:  # BN running statistics are per rank: average them (weights already agree)
@@ -516,12 +515,12 @@ def _train(task: Task, cfg: Config, out: Path, resume: str | Path | None, ctx: D
         row = {"epoch": epoch + 1, **row}
         last_epoch = epoch + 1 == num_epochs
         if val_loader is not None and ((epoch + 1) % r.eval_every == 0 or last_epoch or epoch + 1 == stop_at):
-            res = evaluate(model, val_loader, task, ctx=ctx, amp=r.amp, strict=d.strict,
-                           channels_last=cfg.model.channels_last, progress=r.progress, desc="eval")
+            res = evaluate(model, val_loader, task, ctx=ctx, amp=r.amp, strict=task.strict,
+                           channels_last=task.channels_last, progress=r.progress, desc="eval")
             row.update({f"val_{k}": v for k, v in res.metrics.items()})
             if ema is not None and cfg.ema.evaluate:
-                res = evaluate(ema.module, val_loader, task, ctx=ctx, amp=r.amp, strict=d.strict,
-                               channels_last=cfg.model.channels_last, progress=r.progress, desc="eval ema")
+                res = evaluate(ema.module, val_loader, task, ctx=ctx, amp=r.amp, strict=task.strict,
+                               channels_last=task.channels_last, progress=r.progress, desc="eval ema")
                 row.update({f"ema_{k}": v for k, v in res.metrics.items()})
         history.append(row)
         is_best = val_loader is None or _better(row.get(key), best["value"] if best else None, task.best_mode)
@@ -539,8 +538,6 @@ def _train(task: Task, cfg: Config, out: Path, resume: str | Path | None, ctx: D
             save_epoch(state, last_path, best_path if is_best else None)
         du.barrier()
     epochs_bar.close()
-    if r.debug_ranks:  # lets tests check that DDP kept the ranks identical
-        save_atomic(cpu_state(model), out / f"weights_rank{ctx.rank}.pth")
     if ctx.is_main and history:
         plot_curves(history, out / "curves.png", metric=task.best_metric)
         if best and best.get("value") is not None:

@@ -14,7 +14,8 @@ does not depend on the model and is computed without a graph; only the second te
 
 Works with any classifier: ``PreLogits`` captures the input of ``model.get_classifier()`` (timm's
 interface). The feature bank is the training features of the current epoch (detached, no extra pass);
-``refresh()`` at the end of an epoch re-fits the output centroids and Q on it. Usage::
+``refresh()`` at the end of an epoch re-fits the output centroids and Q on it. ``effvit train`` wires it
+into the classification task when ``ib.weight`` > 0 (``effvit.train.classification``). Usage::
 
     ib = IBLoss(num_classes=10, num_clusters=100, weight=0.1, start_epoch=3)
     feats = PreLogits(model)

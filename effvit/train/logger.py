@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import csv
 import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from tqdm.auto import tqdm
+
+from effvit.outputs import write_csv
 
 
 class RunLogger:
@@ -51,23 +52,6 @@ class RunLogger:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
-
-
-def write_csv(rows: Sequence[dict], path: Path) -> None:
-    fields: list[str] = []
-    for r in rows:
-        fields += [k for k in r if k not in fields]
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: _fmt(r.get(k)) for k in fields})
-    tmp.replace(path)
-
-
-def _fmt(v):
-    return f"{v:.6g}" if isinstance(v, float) else ("" if v is None else v)
 
 
 def plot_curves(history: Sequence[dict], path: str | Path, metric: str = "top1") -> Path | None:

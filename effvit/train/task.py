@@ -60,10 +60,20 @@ class Task:
     - ``summarize(stats) -> dict[str, float]``: the metrics (e.g. mean loss, top-1) logged per epoch.
     - ``best_metric`` / ``best_mode`` ('max' or 'min'): the summarized metric that selects best.pth.
     - ``meta``: plain data stored in every checkpoint (class names, preprocessing, the task's name).
+    - ``start_epoch(epoch)`` / ``end_epoch(epoch)``: called around each epoch's training steps (a loss
+      plug-in refreshes what it gathered, e.g. ``effvit.train.ib_loss``).
+    - ``name``: names the run folder (after the start time) when the config names none.
+    - ``channels_last``: inputs (and the model) in channels-last memory format; ``freeze_bn``: BatchNorm
+      statistics stay fixed in training; ``strict``: an unreadable sample stops the run instead of being
+      skipped and counted.
     """
 
     best_metric: str = "loss"
     best_mode: str = "min"
+    name: str = "run"
+    channels_last: bool = False
+    freeze_bn: bool = False
+    strict: bool = False
 
     def __init__(self, model: nn.Module, train_dataset: Dataset, val_dataset: Dataset | None = None, *,
                  collate_fn: Callable = skip_collate, meta: dict | None = None):
@@ -75,6 +85,12 @@ class Task:
 
     def prepare(self, device: torch.device) -> None:
         """Called once by the engine after the model is on ``device``: move helpers (teachers...) too."""
+
+    def start_epoch(self, epoch: int) -> None:
+        """Called before the training steps of ``epoch`` (0-based)."""
+
+    def end_epoch(self, epoch: int) -> None:
+        """Called after the training steps of ``epoch``, before its evaluation."""
 
     def train_batch(self, inputs: torch.Tensor, targets: Any) -> tuple[torch.Tensor, Any]:
         return inputs, targets
