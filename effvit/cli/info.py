@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from effvit.models import resolve_models
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="params, MACs, feature strides/widths and paper top-1 per variant")
@@ -12,23 +14,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--img-size", type=int, nargs="+", default=[224], help="H [W] to count MACs at")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=run)
-
-
-def resolve_models(spec: str) -> list[str]:
-    """'all', 'm0,m4' or full names -> model names; unknown names raise with the list of valid ones."""
-    from effvit.models import list_models
-
-    names = list_models()
-    if spec == "all":
-        return names
-    out = []
-    for s in spec.split(","):
-        s = s.strip().lower()
-        name = s if s.startswith("efficientvit_") else f"efficientvit_{s}"
-        if name not in names:
-            raise ValueError(f"unknown model {s!r}; choose from {', '.join(n.split('_')[1] for n in names)}")
-        out.append(name)
-    return out
 
 
 def variant_rows(names: list[str], img_size: tuple[int, int]) -> list[dict]:

@@ -31,14 +31,9 @@ _META_KEY = "effvit_rotation"
 
 def _effvit_name(name: str) -> str | None:
     """'m0' / 'efficientvit_m0' / 'effvit/efficientvit_m0' -> 'efficientvit_m0'; None for timm names."""
-    from effvit.models import list_models
+    from effvit.models import variant_name
 
-    n = name.strip().lower()
-    if n.startswith("timm/"):
-        return None
-    n = n.split("/")[-1]
-    n = n if n.startswith("efficientvit_") else f"efficientvit_{n}"
-    return n if n in list_models() else None
+    return None if name.strip().lower().startswith("timm/") else variant_name(name)
 
 
 def build_backbone(name: str, num_classes: int, img_size: int, in_chans: int,
