@@ -1,4 +1,4 @@
-"""Throughput measurement the paper's way, with a peer run alternately in the same process.
+"""Timing the paper's way, with a peer run alternately in the same process.
 
 The protocol (paper section 5): BN fused, traced model, random input, warm-up, then a timed window;
 throughput = batch / iteration time. Here each implementation's *best form* is picked first (every
@@ -8,7 +8,6 @@ load from other processes hits both alike; medians over all timed iterations are
 
 from __future__ import annotations
 
-import contextlib
 import statistics
 import time
 import warnings
@@ -16,10 +15,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
 
 __all__ = ["Forward", "Timing", "ratio", "time_forward", "alternate", "max_abs_diff", "pick_fastest",
-           "effvit_forms", "timm_forms", "onnx_forward", "export_plain_onnx", "cpu_peak_flops", "randomise_norms"]
+           "cpu_peak_flops"]
 
 Forward = Callable[[], object]  # one batch through one form; inputs are bound inside
 
@@ -118,144 +116,6 @@ def pick_fastest(candidates: dict[str, Callable[[], Forward]], probe: float, dev
     med = {k: t.median for k, t in alternate(built, probe, 2, device, warmup=0).items()}
     best = min(med, key=med.get)
     return best, built[best], med
-
-
-def randomise_norms(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Give every BN random statistics and affine and every attention-bias table random values.
-
-    A fresh model has zero BN gammas at the end of each residual branch, so comparisons on it only
-    test the stem and the head; this makes every branch contribute. In place; returns the model.
-    """
-    g = torch.Generator().manual_seed(seed)
-
-    def rand(shape, lo, hi):
-        return torch.rand(shape, generator=g) * (hi - lo) + lo
-
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
-                n = m.num_features
-                m.weight.copy_(rand(n, 0.5, 1.5))
-                m.bias.copy_(rand(n, -0.3, 0.3))
-                m.running_mean.copy_(rand(n, -0.3, 0.3))
-                m.running_var.copy_(rand(n, 0.5, 1.5))
-        for name, p in model.named_parameters():
-            if name.endswith("attention_biases"):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-    return model
-
-
-# -- forms -------------------------------------------------------------------------------------------
-def _quiet_trace(model: nn.Module, x: torch.Tensor) -> torch.jit.ScriptModule:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # deprecation and constant-shape notes from the tracer
-        return torch.jit.freeze(torch.jit.trace(model, x))
-
-
-def _compiled(model: nn.Module) -> nn.Module:
-    import torch._inductor.config as inductor_config
-
-    inductor_config.freezing = True  # fold weights as constants (prepacked GEMM/conv on CPU)
-    return torch.compile(model)
-
-
-def _runner(fn: Callable, x: torch.Tensor, amp: torch.dtype | None, cast_cache: bool = True) -> Forward:
-    def run():
-        with torch.inference_mode(), (torch.autocast(x.device.type, dtype=amp, cache_enabled=cast_cache)
-                                      if amp is not None else contextlib.nullcontext()):
-            return fn(x)
-    return run
-
-
-def _cuda_graphed(fn: Callable, x: torch.Tensor, amp: torch.dtype | None) -> Forward:
-    """One forward captured as a CUDA graph: each replay launches the whole network at once, so the
-    Python and launch cost of a few hundred small kernels leaves the timed path. Same input buffer."""
-    run = _runner(fn, x, amp, cast_cache=False)  # autocast's cast cache must stay out of a captured graph
-    side = torch.cuda.Stream(x.device)
-    side.wait_stream(torch.cuda.current_stream(x.device))
-    with torch.cuda.stream(side):  # capture wants its warm-up (cuDNN/cuBLAS choices) off the main stream
-        for _ in range(3):
-            run()
-    torch.cuda.current_stream(x.device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = run()
-
-    def replay():
-        graph.replay()
-        return out
-    return replay
-
-
-def effvit_forms(model: nn.Module, x: torch.Tensor, amp: torch.dtype | None = None,
-                 compile: bool = False) -> dict[str, Callable[[], Forward]]:
-    """Candidate forms of our implementation: the fused model eager and traced, on CUDA also
-    captured as a CUDA graph (+ compiled)."""
-    from effvit.models import fuse
-
-    fused = fuse(model)
-    forms: dict[str, Callable[[], Forward]] = {"fused": lambda: _runner(fused, x, amp)}
-    if x.device.type == "cuda":
-        forms["fused+cudagraph"] = lambda: _cuda_graphed(fused, x, amp)
-    if amp is None:  # a trace under autocast would bake the casts in; eager covers that case
-        def traced():
-            with torch.inference_mode():
-                return _runner(_quiet_trace(fused, x), x, None)
-        forms["fused+trace"] = traced
-    if compile:
-        forms["fused+compile"] = lambda: _runner(_compiled(fused), x, amp)
-    return forms
-
-
-def timm_forms(model: nn.Module, x: torch.Tensor, amp: torch.dtype | None = None,
-               compile: bool = False) -> dict[str, Callable[[], Forward]]:
-    """timm's candidate forms for the same weights: eager, reparameterised (BN folded by
-    ``timm.utils.reparameterize_model``), traced, channels-last, on CUDA a CUDA graph (+ compiled)."""
-    from timm.utils import reparameterize_model
-
-    # timm 1.0.29 builds the folded convs on the CPU whatever the model's device: move them back
-    rep = reparameterize_model(model.eval()).to(x.device)
-    rep_cl = reparameterize_model(model.eval()).to(x.device, memory_format=torch.channels_last)
-    x_cl = x.contiguous(memory_format=torch.channels_last)
-    forms: dict[str, Callable[[], Forward]] = {
-        "eager": lambda: _runner(model, x, amp),
-        "reparam": lambda: _runner(rep, x, amp),
-        "reparam+cl": lambda: _runner(rep_cl, x_cl, amp),
-    }
-    if amp is None:
-        def traced(m, inp):
-            with torch.inference_mode():
-                return _runner(_quiet_trace(m, inp), inp, None)
-        forms["reparam+trace"] = lambda: traced(rep, x)
-        forms["reparam+cl+trace"] = lambda: traced(rep_cl, x_cl)
-    if x.device.type == "cuda":  # the same graph capture ours gets, so the comparison stays like for like
-        forms["reparam+cudagraph"] = lambda: _cuda_graphed(rep, x, amp)
-    if compile:  # inductor picks channels-last for convolutions by itself
-        forms["reparam+compile"] = lambda: _runner(_compiled(rep), x, amp)
-    return forms
-
-
-def onnx_forward(path: str, x: torch.Tensor, threads: int) -> Forward:
-    """ONNX Runtime CPU session on ``path`` with all graph optimisations, ``threads`` intra-op."""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
-    feed = {sess.get_inputs()[0].name: x.cpu().numpy()}
-    return lambda: sess.run(None, feed)[0]
-
-
-def export_plain_onnx(model: nn.Module, x: torch.Tensor, path: str) -> None:
-    """A peer's model (timm's) to ONNX the usual way: TorchScript-based exporter, opset 17, dynamic
-    batch, input ``image``."""
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, (x,), path, dynamo=False, opset_version=17, input_names=["image"],
-                          output_names=["logits"],
-                          dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}})
 
 
 def cpu_peak_flops(threads: int = 1, n: int = 2048, seconds: float = 2.0) -> float:
