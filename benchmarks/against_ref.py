@@ -33,7 +33,10 @@ def _effvit_forward(variant: str, x, form: str, tmp: str):
     import torch
 
     import effvit
-    from effvit.fast.benchmark import randomise_norms  # in both trees: the same BN statistics
+    try:  # in both trees: the same BN statistics
+        from effvit.bench.weights import randomise_norms
+    except ImportError:  # a revision from before the harness left effvit.fast
+        from effvit.fast.benchmark import randomise_norms
 
     torch.manual_seed(0)
     model = randomise_norms(effvit.create_model(variant)).eval()
@@ -59,7 +62,9 @@ def _timm_forward(variant: str, x, form: str, tmp: str):
     import torch
     from timm.utils import reparameterize_model
 
-    from effvit.fast.benchmark import export_plain_onnx, pick_fastest, randomise_norms, timm_forms
+    from effvit.bench.forms import export_plain_onnx, timm_forms
+    from effvit.bench.timing import pick_fastest
+    from effvit.bench.weights import randomise_norms
 
     torch.manual_seed(0)
     model = randomise_norms(timm.create_model(variant)).eval()
@@ -149,6 +154,8 @@ def main() -> None:
     args = p.parse_args()
     if args.worker:
         return worker(args.worker)
+    from effvit.models import resolve_models  # this tree's names; each worker imports its own tree
+
     with tempfile.TemporaryDirectory() as tmp:
         impls = {"ref": Worker("effvit", checkout(args.ref, Path(tmp))), "new": Worker("effvit", REPO),
                  "timm": Worker("timm", REPO)}
@@ -156,7 +163,7 @@ def main() -> None:
               "this / timm |")
         print("|---|---|---|---|---|---|---|---|")
         for v in args.variants.split(","):
-            variant = v if v.startswith("efficientvit_") else f"efficientvit_{v}"
+            variant = resolve_models(v)[0]
             for batch in map(int, args.batches.split(",")):
                 for form in args.forms.split(","):
                     key = f"{variant}/{batch}/{form}"

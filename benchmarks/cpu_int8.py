@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
-from effvit.fast import benchmark as B
+from effvit.bench.deploy import p90
+from effvit.bench.timing import alternate, ratio
 from effvit.fast.calibration import batches, image_sets
 from effvit.fast.cpuinfo import bf16_unit, int8_unit
-from effvit.fast.deploy_bench import p90
 from effvit.fast.export import export_onnx
 from effvit.fast.openvino_ir import export_openvino, openvino_predictor
 from effvit.fast.quantize import compare_predictions, ort_predictor, quantize_onnx
@@ -110,10 +110,10 @@ def main(argv: list[str] | None = None) -> int:
                 export_openvino(path, path.with_suffix(".xml"))
                 ov = openvino_predictor(path.with_suffix(".xml"), args.threads, "f32", batch)
                 fns[f"openvino {name}"] = lambda ov=ov, x=x: ov(x)
-            t = B.alternate(fns, args.seconds, args.rounds, torch.device("cpu"), warmup=0.5)
+            t = alternate(fns, args.seconds, args.rounds, torch.device("cpu"), warmup=0.5)
             base = t["ort fp32"]
             rows = {k: {"ms": round(v.median * 1e3, 3), "p90_ms": round(p90(v.times) * 1e3, 3),
-                        "speedup_vs_ort_fp32": round(B.ratio(base, v), 3)} for k, v in t.items()}
+                        "speedup_vs_ort_fp32": round(ratio(base, v), 3)} for k, v in t.items()}
             result["speed"][str(batch)] = rows
             result.setdefault("op_time_share", {})[str(batch)] = {
                 k: op_profile(p, x, args.threads) for k, p in (("fp32", fp32), (VARIANTS[0][0], paths[VARIANTS[0][0]]))}

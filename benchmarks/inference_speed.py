@@ -1,6 +1,6 @@
 """Reproduce the ``## Inference speed`` numbers of BENCHMARKS.md.
 
-1. ``effvit bench`` for every variant against timm: CPU 1 thread batch 16 fp32 (best form of each side,
+1. What ``effvit bench`` runs, for every variant against timm: CPU 1 thread batch 16 fp32 (best form of each side,
    torch.compile included with ``--compile``), ONNX Runtime 1 thread, CPU all threads.
 2. Every form of both implementations for the chosen models, alternating in one process, so that the
    ratio against each of timm's forms (eager, reparameterised, traced, channels-last, compiled) is on
@@ -9,7 +9,7 @@
 
     nice -n 5 python benchmarks/inference_speed.py --out runs/inference_speed [--compile] [--seconds 10]
 
-With ``--device cuda`` the same on the GPU, by the paper's GPU protocol: ``effvit bench`` batch 2048 with
+With ``--device cuda`` the same on the GPU, by the paper's GPU protocol: the bench at batch 2048 with
 fp16 and bf16 autocast, and the all-forms table at batch 2048 fp16 (no ONNX Runtime, no CPU peak).
 
 Writes markdown tables to stdout and runs/inference_speed/{forms.json, bench_*/}.
@@ -23,52 +23,61 @@ import sys
 import tempfile
 from pathlib import Path
 
+import timm
 import torch
+from timm.utils import reparameterize_model
 
-from effvit.cli import main as effvit_main
-from effvit.fast import benchmark as B
+from effvit.bench.forms import effvit_forms, export_plain_onnx, onnx_forward, timm_forms
+from effvit.bench.throughput import BenchSettings, report_lines, run_bench, save_bench
+from effvit.bench.timing import alternate, cpu_peak_flops, max_abs_diff, ratio
+from effvit.bench.weights import randomise_norms
 from effvit.fast.export import export_onnx
-from effvit.models import VARIANTS, create_model
+from effvit.models import VARIANTS, create_model, resolve_models
 from effvit.models.complexity import count_macs
 
 
 def forms_table(name: str, seconds: float, rounds: int, compile: bool, device: str = "cpu") -> dict:
     """All forms of effvit and timm for one variant, alternating: on CPU 1 thread, batch 16, fp32 (with
     ONNX Runtime on both exports); on CUDA batch 2048, fp16 autocast."""
-    import timm
-    from timm.utils import reparameterize_model
-
     gpu = device == "cuda"
     batch, amp = (2048, torch.float16) if gpu else (16, None)
     torch.set_num_threads(1)
     torch.backends.cudnn.benchmark = gpu
-    model = B.randomise_norms(create_model(name)).eval().to(device)
+    model = randomise_norms(create_model(name)).eval().to(device)
     x = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(0)).to(device)
     tm = timm.create_model(name)
     tm.load_state_dict(model.state_dict())
     tm.eval().to(device)
-    makers = {f"effvit {k}": v for k, v in B.effvit_forms(model, x, amp, compile).items()}
-    makers |= {f"timm {k}": v for k, v in B.timm_forms(tm, x, amp, compile).items()}
+    makers = {f"effvit {k}": v for k, v in effvit_forms(model, x, amp, compile).items()}
+    makers |= {f"timm {k}": v for k, v in timm_forms(tm, x, amp, compile).items()}
     fns = {k: make() for k, make in makers.items()}
     if not gpu:  # ONNX Runtime on both exports, in the same alternation
         tmp = tempfile.TemporaryDirectory()
         ours, theirs = Path(tmp.name) / "effvit.onnx", Path(tmp.name) / "timm.onnx"
         export_onnx(model, ours)
-        B.export_plain_onnx(reparameterize_model(tm), x[:2], str(theirs))
-        fns["effvit onnxruntime"] = B.onnx_forward(str(ours), x, 1)
-        fns["timm onnxruntime"] = B.onnx_forward(str(theirs), x, 1)
+        export_plain_onnx(reparameterize_model(tm), x[:2], str(theirs))
+        fns["effvit onnxruntime"] = onnx_forward(str(ours), x, 1)
+        fns["timm onnxruntime"] = onnx_forward(str(theirs), x, 1)
     with torch.inference_mode():
         ref = model(x).float()
-    diffs = {k: B.max_abs_diff(fn(), ref) for k, fn in fns.items()}
-    timings = B.alternate(fns, seconds * len(fns), rounds, torch.device(device), warmup=1.0)
+    diffs = {k: max_abs_diff(fn(), ref) for k, fn in fns.items()}
+    timings = alternate(fns, seconds * len(fns), rounds, torch.device(device), warmup=1.0)
     # the reference: effvit's fastest PyTorch form (the targets are PyTorch against PyTorch)
     best = min((k for k in timings if k.startswith("effvit") and "onnx" not in k),
                key=lambda k: timings[k].median)
     if not gpu:
         tmp.cleanup()
     return {k: {"img_s": round(batch / t.median, 1), "ms": round(t.median * 1e3, 2), "iters": len(t.times),
-                "effvit_best_speedup": round(B.ratio(t, timings[best]), 3), "max_abs_diff": float(f"{diffs[k]:.3g}")}
+                "effvit_best_speedup": round(ratio(t, timings[best]), 3), "max_abs_diff": float(f"{diffs[k]:.3g}")}
             for k, t in timings.items()}
+
+
+def bench(out: Path, **settings) -> None:
+    """What ``effvit bench`` with these settings prints and writes (to ``out``)."""
+    result = run_bench(BenchSettings(**settings), argv=sys.argv[1:])
+    print("\n".join(report_lines(result)))
+    written = save_bench(result, out)
+    print(f"wrote {', '.join(str(w) for w in written)}")
 
 
 def main() -> int:
@@ -89,22 +98,17 @@ def main() -> int:
 
     peak = None
     if not gpu:
-        peak = B.cpu_peak_flops(1, seconds=args.peak_seconds)
+        peak = cpu_peak_flops(1, seconds=args.peak_seconds)
         print(f"CPU peak fp32, 1 thread (best 2048^3 sgemm over {args.peak_seconds:.0f}s): "
               f"{peak / 1e9:.1f} GFLOP/s")
 
     if not args.skip_bench:
-        common = ["--models", args.models, "--seconds", str(args.seconds), "--rounds", str(args.rounds),
-                  "--vs", "timm"]
-        compile_flag = ["--compile"] if args.compile else []
+        common = dict(models=args.models, seconds=args.seconds, rounds=args.rounds, vs="timm")
         if gpu:
-            effvit_main(["bench", "--device", "cuda", *common, *compile_flag, "--out", str(out / "bench_gpu")])
+            bench(out / "bench_gpu", device="cuda", compile=args.compile, **common)
         else:
-            effvit_main(["bench", "--scenarios", "cpu1,ort", *common, *compile_flag,
-                         "--out", str(out / "bench_1thread")])
-            effvit_main(["bench", "--scenarios", "cpu", *common, "--out", str(out / "bench_all_threads")])
-
-    from effvit.cli.info import resolve_models
+            bench(out / "bench_1thread", scenarios="cpu1,ort", compile=args.compile, **common)
+            bench(out / "bench_all_threads", scenarios="cpu", **common)
 
     record = {"device": torch.cuda.get_device_name() if gpu else "cpu", "forms": {}}
     if peak is not None:

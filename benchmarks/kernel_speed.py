@@ -55,10 +55,10 @@ def parse() -> argparse.Namespace:
 
 def cases(args):
     """(variant, stage index, width, heads, q kernels, map side, window) for the selected stages."""
-    from effvit.models.efficientvit import VARIANTS
+    from effvit.models import VARIANTS, resolve_models
 
     for v in args.variants.split(","):
-        cfg = VARIANTS[f"efficientvit_{v}"]
+        cfg = VARIANTS[resolve_models(v)[0]]
         for s in (int(s) - 1 for s in args.stages.split(",")):
             side = SIDES_AT_224[s]
             yield v, s, cfg.widths[s], cfg.heads[s], cfg.kernels[:cfg.heads[s]], side, min(7, side)
@@ -150,7 +150,7 @@ def main() -> None:
         return
     import torch
 
-    from effvit.fast.benchmark import randomise_norms
+    from effvit.bench.weights import randomise_norms
     from effvit.kernels import cascaded_attention as ca
     from effvit.models.efficientvit import LocalWindowAttention
 

@@ -10,7 +10,7 @@ if not torch.cuda.is_available():
 
 # Random BN statistics/affine and bias tables: the zero-init gammas would otherwise make every block an
 # identity and hide most of the network from a parity check.
-from effvit.fast.benchmark import randomise_norms as randomize  # noqa: E402, F401
+from effvit.bench.weights import randomise_norms as randomize  # noqa: E402, F401
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from timm.utils import adaptive_clip_grad
 
 from effvit import create_model
-from effvit.fast.benchmark import randomise_norms
+from effvit.bench.weights import randomise_norms
 from effvit.train.agc import adaptive_clip_grad_
 
 

@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 
+from effvit.bench.throughput import COLUMNS
+from effvit.bench.timing import alternate, cpu_peak_flops, pick_fastest
 from effvit.cli import main
-from effvit.cli.bench import COLUMNS
-from effvit.fast.benchmark import alternate, cpu_peak_flops, pick_fastest
 
 FAST = ["--seconds", "0.05", "--warmup", "0", "--rounds", "2", "--probe", "0.02", "--img-size", "64",
         "--peak-seconds", "0.1"]
@@ -85,7 +85,7 @@ def test_pick_fastest_drops_forms_with_wrong_outputs():
 def test_cpu_peak_flops_is_the_best_sgemm_rate_on_the_asked_threads(monkeypatch):
     """2 n^3 FLOPs per n x n product over the fastest timed run (the first is warm-up), measured on the
     asked number of threads, which are restored afterwards."""
-    import effvit.fast.benchmark as bench
+    import effvit.bench.timing as bench
 
     seen = {}
 
@@ -107,7 +107,8 @@ def test_cpu_peak_flops_is_the_best_sgemm_rate_on_the_asked_threads(monkeypatch)
 def test_cuda_forms_match_eager_and_graphs_follow_their_input(tmp_path):
     import timm
 
-    from effvit.fast.benchmark import effvit_forms, randomise_norms, timm_forms
+    from effvit.bench.forms import effvit_forms, timm_forms
+    from effvit.bench.weights import randomise_norms
     from effvit.models import create_model
 
     model = randomise_norms(create_model("efficientvit_m0")).eval().cuda()
@@ -139,3 +140,30 @@ def test_cuda_forms_match_eager_and_graphs_follow_their_input(tmp_path):
     assert [(r["scenario"], r["impl"]) for r in rows] == [
         ("gpu", "effvit"), ("gpu", "timm"), ("gpu-bf16", "effvit"), ("gpu-bf16", "timm")]
     assert all(float(r["img_s"]) > 0 for r in rows)
+
+
+def test_bench_model_restores_threads_and_cudnn_and_rows_describe_the_run():
+    from effvit.bench.throughput import BenchSettings, bench_model
+
+    before = torch.get_num_threads(), torch.backends.cudnn.benchmark
+    threads = 2 if before[0] == 1 else 1
+    settings = BenchSettings(seconds=0.02, rounds=2, warmup=0, probe=0.01, img_size=64, batch=2)
+    rows = bench_model("efficientvit_m0", "cpu1", threads, settings, peak=1e12)
+    assert (torch.get_num_threads(), torch.backends.cudnn.benchmark) == before
+    [row] = rows
+    assert row["model"] == "efficientvit_m0" and row["impl"] == "effvit" and row["threads"] == threads
+    assert row["batch"] == 2 and row["img_s"] > 0 and row["max_abs_diff"] <= 1e-3 and 0 < row["peak_frac"] < 1
+
+
+def test_compiled_forms_leave_inductor_settings_alone():
+    """Freezing is the compiled form's own option: nothing else compiled in the process gets it."""
+    import torch._inductor.config as inductor_config
+
+    from effvit.bench.forms import _compiled
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU()).eval()
+    x = torch.randn(2, 8)
+    with torch.inference_mode():
+        out = _compiled(model)(x)
+        assert torch.allclose(out, model(x), atol=1e-5)
+    assert inductor_config.freezing is False

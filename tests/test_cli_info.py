@@ -18,3 +18,14 @@ def test_info_json_and_unknown_model(capsys):
     assert rows[0]["maps"] == ["20x12", "10x6", "5x3"]
     assert main(["info", "--models", "m7"]) == 2
     assert "unknown model 'm7'" in capsys.readouterr().err
+
+
+def test_variant_summaries_at_a_non_square_size():
+    from effvit.models.summary import variant_summaries
+
+    [square] = variant_summaries(["efficientvit_m0"], (224, 224))
+    assert square["params_m"] == 2.349 and square["macs_m"] == 79.2 and square["paper_mflops"] == 79
+    [row] = variant_summaries(["efficientvit_m0"], (320, 192))
+    assert row["paper_top1"] == 63.2 and row["widths"] == [64, 128, 192] and row["strides"] == [16, 32, 64]
+    assert row["maps"] == ["20x12", "10x6", "5x3"]
+    assert 1.1 < row["macs_m"] / square["macs_m"] < 1.3  # 320x192 holds 1.22 times the pixels of 224x224

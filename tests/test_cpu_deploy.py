@@ -13,9 +13,9 @@ import torch
 from PIL import Image
 
 from effvit import create_model, save_checkpoint
+from effvit.bench.weights import randomise_norms
 from effvit.cli import main
 from effvit.fast import cpuinfo
-from effvit.fast.benchmark import randomise_norms
 from effvit.fast.calibration import batches, image_sets
 from effvit.fast.export import export_onnx
 from effvit.fast.openvino_ir import export_openvino, openvino_predictor, verify_openvino
@@ -224,7 +224,7 @@ def test_image_sets_fashion_mnist_split():
 
 
 def test_ort_peak_ops():
-    from effvit.fast.deploy_bench import ort_peak_ops
+    from effvit.bench.deploy import ort_peak_ops
 
     assert ort_peak_ops(1, "int8", n=256, seconds=0.05) > 1e8
     assert ort_peak_ops(1, "fp32", n=256, seconds=0.05) > 1e8

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from effvit import create_model, fuse
+from effvit.bench.weights import randomise_norms
 from effvit.cli import main
-from effvit.fast.benchmark import randomise_norms
 from effvit.fast.export import export_onnx, export_torchscript, verify_onnx
 
 

@@ -9,7 +9,7 @@ import torch
 from timm.models import reparameterize_model
 
 from effvit import create_model, fuse, list_models
-from effvit.fast.benchmark import randomise_norms
+from effvit.bench.weights import randomise_norms
 from effvit.models.efficientvit import (
     CascadedGroupAttention,
     ConvMlp,

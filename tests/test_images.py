@@ -136,7 +136,7 @@ def test_rotation_eval_and_predict_check_their_outputs_first(classifier, tmp_pat
 
 @pytest.fixture(scope="module")
 def classifier(tmp_path_factory):
-    from effvit.fast.benchmark import randomise_norms
+    from effvit.bench.weights import randomise_norms
     from effvit.models import create_model
     from effvit.models.weights import save_checkpoint
 

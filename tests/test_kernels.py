@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from effvit.fast.benchmark import randomise_norms
+from effvit.bench.weights import randomise_norms
 from effvit.models.efficientvit import VARIANTS, LocalWindowAttention
 
 pytest.importorskip("triton", reason="Triton is not installed (it ships for Linux)")

@@ -43,7 +43,7 @@ def test_tiny_training_on_photos_learns(photo_dir, tmp_path):
     """Full circle, UV head, six real photos at fresh angles (~90 steps on the engine): the error on the
     same photos at other, fixed angles falls far below the 90 degrees MAE of chance (memorising the
     photos is fine here; generalisation is the benchmark's job)."""
-    from effvit.cli.rotation import export_best
+    from effvit.rotation.export import export_best
     from effvit.rotation.model import load_rotation_model
     from effvit.rotation.task import build_rotation_task
     from effvit.train import seed_everything, train

@@ -10,6 +10,9 @@ import json
 import time
 from pathlib import Path
 
+from effvit.bench.deploy import onnx_speed, p90
+from effvit.cli import main as cli_main
+
 # The recipe of configs/fashion_mnist_m0.yaml at 64 px (a third of the compute of its 112 px) for 3 epochs,
 # each on a fresh random half of the training set, keeps the demo within 10 minutes.
 DEMO_OVERRIDES = ["model.img_size=64", "data.train_fraction=0.5"]
@@ -50,8 +53,6 @@ def _save_samples(root: str | None, out: Path, n: int) -> list[Path]:
 
 def _int8_speed(folder: Path) -> str:
     """int8 against fp32: accuracy from the export's check, ONNX Runtime speed on one thread."""
-    from effvit.fast.deploy_bench import onnx_speed, p90
-
     record = json.loads(next(folder.glob("*.int8.json")).read_text())
     paths = {"fp32": folder / record["fp32"], "int8": folder / record["int8"]}
     timings = onnx_speed(paths, tuple(record["input_shape"]), threads=1)
@@ -66,9 +67,15 @@ def _int8_speed(folder: Path) -> str:
     return "\n".join(lines)
 
 
-def run(args: argparse.Namespace) -> int:
-    from effvit.cli import main as cli_main
+def _timed_command(argv: list[str], times: dict[str, float], step: str) -> int:
+    """``effvit ARGV``'s exit status; its seconds recorded as ``times[step]``."""
+    t = time.perf_counter()
+    rc = cli_main(argv)
+    times[step] = time.perf_counter() - t
+    return rc
 
+
+def run(args: argparse.Namespace) -> int:
     out = Path(args.output)
     times: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -78,19 +85,16 @@ def run(args: argparse.Namespace) -> int:
                   *DEMO_OVERRIDES, *args.overrides]  # --overwrite: a fresh run each time
     if args.data:
         train_args += ["--data", args.data]
-    rc = cli_main(train_args)
-    times["train"] = time.perf_counter() - t0
+    rc = _timed_command(train_args, times, "train")
     if rc:
         return rc
     ckpt = out / "last.pth"
 
     print("\n== 2/4 evaluate on the 10,000 test images ==", flush=True)
-    t = time.perf_counter()
     eval_args = ["eval", "--checkpoint", str(ckpt), "--output", str(out / "eval-test")]
     if args.data:
         eval_args += ["--data", args.data]
-    rc = cli_main(eval_args)
-    times["eval"] = time.perf_counter() - t
+    rc = _timed_command(eval_args, times, "eval")
     if rc:
         return rc
     metrics = json.loads((out / "eval-test" / "metrics.json").read_text())

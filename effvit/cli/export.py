@@ -49,9 +49,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from effvit.cli.info import resolve_models
     from effvit.fast.export import export_onnx, export_torchscript
-    from effvit.models import create_model, load_model
+    from effvit.models import create_model, load_model, resolve_models
 
     names = resolve_models(args.model or "m0")
     if len(names) != 1:

@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 
+from effvit.models import resolve_models
+from effvit.models.summary import variant_summaries
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="params, MACs, feature strides/widths and paper top-1 per variant")
@@ -14,48 +17,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def resolve_models(spec: str) -> list[str]:
-    """'all', 'm0,m4' or full names -> model names; unknown names raise with the list of valid ones."""
-    from effvit.models import list_models
-
-    names = list_models()
-    if spec == "all":
-        return names
-    out = []
-    for s in spec.split(","):
-        s = s.strip().lower()
-        name = s if s.startswith("efficientvit_") else f"efficientvit_{s}"
-        if name not in names:
-            raise ValueError(f"unknown model {s!r}; choose from {', '.join(n.split('_')[1] for n in names)}")
-        out.append(name)
-    return out
-
-
-def variant_rows(names: list[str], img_size: tuple[int, int]) -> list[dict]:
-    from effvit.models import VARIANTS, create_model
-    from effvit.models.complexity import count_macs, count_params
-    from effvit.models.efficientvit import stage_resolutions
-
-    rows = []
-    for name in names:
-        model = create_model(name, img_size=img_size)
-        v = VARIANTS[name]
-        rows.append({
-            "model": name,
-            "params_m": round(count_params(model) / 1e6, 3),
-            "macs_m": round(count_macs(model, img_size) / 1e6, 1),
-            "paper_mflops": v.paper_mflops,
-            "strides": [f["reduction"] for f in model.feature_info],
-            "widths": list(v.widths),
-            "maps": [f"{h}x{w}" for h, w in stage_resolutions(img_size)],
-            "paper_top1": v.top1,
-        })
-    return rows
-
-
 def run(args: argparse.Namespace) -> int:
     size = tuple(args.img_size) if len(args.img_size) == 2 else (args.img_size[0],) * 2
-    rows = variant_rows(resolve_models(args.models), size)
+    rows = variant_summaries(resolve_models(args.models), size)
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0

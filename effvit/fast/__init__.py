@@ -1,1 +1,1 @@
-"""Deployment: exports of the fused model and the benchmark harness."""
+"""Deployment: exports of the fused model (the benchmark harness is effvit.bench)."""

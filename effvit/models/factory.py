@@ -14,6 +14,7 @@ from timm.models._input import update_model_input_size
 from torch import nn
 
 from .efficientvit import VARIANTS, EfficientVitMsra
+from .names import variant_name
 from .pretrained import TAG, cfg_for_model, cfg_from_meta, default_cfg
 from .weights import detect_variant, fit_state_dict, read_checkpoint
 
@@ -22,11 +23,9 @@ def parse_model_name(name: str) -> tuple[str, str | None]:
     """(variant, pretrained tag) of any accepted spelling: ``m0``, ``efficientvit_m0``,
     ``efficientvit_m0.r224_in1k``, ``timm/efficientvit_m0.r224_in1k``, ``hf-hub:timm/...``."""
     base = name.split(":")[-1].split("/")[-1]
-    variant, _, tag = base.partition(".")
-    variant = variant.lower()
-    if not variant.startswith("efficientvit_"):
-        variant = f"efficientvit_{variant}"
-    if variant not in VARIANTS:
+    spelled, _, tag = base.partition(".")
+    variant = variant_name(spelled)
+    if variant is None:
         raise ValueError(f"unknown model {name!r}; available: {', '.join(list_models())} "
                          "(or m0..m5, or with the .r224_in1k tag)")
     if tag and tag != TAG:

@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 from timm.data import resolve_model_data_config
 from torch import nn
 
-from effvit.models import create_model, list_models
+from effvit.models import create_model, variant_name
 from effvit.models.efficientnet_lite import IMAGENET, create_pretrained, has_package_weights
 from effvit.models.weights import read_checkpoint
 
@@ -37,12 +37,7 @@ _META_KEY = "effvit_rotation"
 
 def _effvit_name(name: str) -> str | None:
     """'m0' / 'efficientvit_m0' / 'effvit/efficientvit_m0' -> 'efficientvit_m0'; None for timm names."""
-    n = name.strip().lower()
-    if n.startswith("timm/"):
-        return None
-    n = n.split("/")[-1]
-    n = n if n.startswith("efficientvit_") else f"efficientvit_{n}"
-    return n if n in list_models() else None
+    return None if name.strip().lower().startswith("timm/") else variant_name(name)
 
 
 def build_backbone(name: str, num_classes: int, img_size: int, in_chans: int,

@@ -49,17 +49,15 @@ def build_teacher(name: str, checkpoint: str | None, num_classes: int, in_chans:
                   img_size: int) -> nn.Module:
     """An effvit model (name starting with efficientvit_) or any timm model, all of its weights (head
     included: a teacher must predict the student's classes) from ``checkpoint``, frozen in eval mode."""
-    from effvit.models import create_model, list_models
+    from effvit.models import create_model, variant_name
     from effvit.models.weights import fit_state_dict, read_checkpoint
 
     if not checkpoint:
         raise ValueError(f"distill.teacher={name} needs distill.teacher_checkpoint: an untrained teacher "
                          "teaches nothing (no weights can be downloaded here)")
-    short = name.split("/")[-1].split(".")[0]
-    effvit = short in list_models() or f"efficientvit_{short}" in list_models()
-    if effvit:
-        short = short if short in list_models() else f"efficientvit_{short}"
-        teacher = create_model(short, num_classes=num_classes, in_chans=in_chans, img_size=img_size)
+    variant = variant_name(name.split(".")[0])
+    if variant is not None:
+        teacher = create_model(variant, num_classes=num_classes, in_chans=in_chans, img_size=img_size)
     else:
         import timm
 
@@ -74,7 +72,7 @@ def build_teacher(name: str, checkpoint: str | None, num_classes: int, in_chans:
                          f"learns {num_classes}: a teacher must predict the student's classes (fine-tune it on "
                          "this data first)")
     source = f"teacher checkpoint {checkpoint}"
-    if effvit:
+    if variant is not None:
         teacher.load_state_dict(fit_state_dict(teacher, sd, source=source), strict=False)
     else:
         try:

@@ -6,7 +6,7 @@ ONNX the usual way and quantized with the same settings as ours. All forms of bo
 alternating rounds in one process, so load from other jobs hits them alike. Reported per form: median
 and 90th-percentile time per batch, images/s, the output difference to the fp32 PyTorch model, the
 fraction of the core's measured fp32 or int8 peak, and the speed ratio against timm's fastest fp32
-form. This module sets no process-wide options (thread counts are the caller's).
+form. This module sets no process-wide option (thread counts are the caller's).
 """
 
 from __future__ import annotations
@@ -18,12 +18,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from timm.utils import reparameterize_model
 from torch import nn
 
-from . import benchmark as B
-from .cpuinfo import bf16_unit
-from .openvino_ir import export_openvino, openvino_predictor
-from .quantize import ort_predictor, quantize_onnx
+from effvit.fast.cpuinfo import bf16_unit
+from effvit.fast.export import export_onnx
+from effvit.fast.openvino_ir import export_openvino, openvino_predictor
+from effvit.fast.quantize import ort_predictor, quantize_onnx
+
+from .forms import effvit_forms, export_plain_onnx, timm_forms
+from .timing import Forward, Timing, alternate, max_abs_diff, pick_fastest, time_forward
 
 __all__ = ["p90", "ort_peak_ops", "deploy_forms", "bench_deploy", "onnx_speed"]
 
@@ -37,7 +41,7 @@ def p90(times: list[float]) -> float:
 def ort_peak_ops(threads: int = 1, precision: str = "int8", n: int = 1024, seconds: float = 2.0) -> float:
     """Peak op/s attainable in ONNX Runtime: the best of repeated n x n x n products, uint8 x int8
     (``MatMulInteger``, the kernels its quantized convolutions use) or fp32 (``MatMul``), 2 n^3 ops each."""
-    import onnxruntime as ort
+    import onnxruntime as ort  # the optional export dependencies
     from onnx import TensorProto, helper, numpy_helper
 
     if precision not in ("int8", "fp32"):
@@ -55,7 +59,7 @@ def ort_peak_ops(threads: int = 1, precision: str = "int8", n: int = 1024, secon
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    times = B.time_forward(lambda: sess.run(None, {"a": a}), seconds, torch.device("cpu"), min_iters=3)
+    times = time_forward(lambda: sess.run(None, {"a": a}), seconds, torch.device("cpu"), min_iters=3)
     return 2 * n ** 3 / min(times[1:])
 
 
@@ -66,23 +70,19 @@ def _random_calibration(x: torch.Tensor, batches: int = 4) -> list[np.ndarray]:
     return [torch.randn(8, *x.shape[1:], generator=g).numpy() for _ in range(batches)]
 
 
-def _torch_best(forms: dict[str, Callable[[], B.Forward]], probe: float, ref: torch.Tensor, tol: float,
-                ) -> tuple[str, B.Forward]:
-    name, fn, _ = B.pick_fastest(forms, probe, torch.device("cpu"), reference=ref, tol=tol)
+def _torch_best(forms: dict[str, Callable[[], Forward]], probe: float, ref: torch.Tensor, tol: float,
+                ) -> tuple[str, Forward]:
+    name, fn, _ = pick_fastest(forms, probe, torch.device("cpu"), reference=ref, tol=tol)
     return name, fn
 
 
 def deploy_forms(model: nn.Module, x: torch.Tensor, workdir: str | Path, threads: int = 1,
                  peer: nn.Module | None = None, compile: bool = False, probe: float = 1.0,
                  int8_ops: tuple[str, ...] = ("Conv", "Gemm"),
-                 ) -> dict[tuple[str, str], tuple[str, B.Forward]]:
+                 ) -> dict[tuple[str, str], tuple[str, Forward]]:
     """{(impl, form): (detail, forward)} for effvit's ``model`` and, when given, timm's ``peer`` (same
     weights). Forms: torch fp32 (each side's fastest PyTorch form), torch bf16, ort fp32, ort int8,
     openvino fp32, openvino int8, openvino bf16; the bf16 ones only on a CPU with bf16 units."""
-    from timm.utils import reparameterize_model
-
-    from .export import export_onnx
-
     workdir = Path(workdir)
     bf16 = bf16_unit() is not None
     with torch.inference_mode():
@@ -92,11 +92,11 @@ def deploy_forms(model: nn.Module, x: torch.Tensor, workdir: str | Path, threads
     xn = x.numpy()
     calib = _random_calibration(x)
     sides: dict[str, tuple[nn.Module, Callable, Callable]] = {
-        "effvit": (model, B.effvit_forms, lambda p: export_onnx(model, p, tuple(x.shape[2:]), verify=False))}
+        "effvit": (model, effvit_forms, lambda p: export_onnx(model, p, tuple(x.shape[2:]), verify=False))}
     if peer is not None:
-        sides["timm"] = (peer, B.timm_forms,
-                         lambda p: B.export_plain_onnx(reparameterize_model(peer), x[:2], str(p)))
-    forms: dict[tuple[str, str], tuple[str, B.Forward]] = {}
+        sides["timm"] = (peer, timm_forms,
+                         lambda p: export_plain_onnx(reparameterize_model(peer), x[:2], str(p)))
+    forms: dict[tuple[str, str], tuple[str, Forward]] = {}
     for impl, (m, torch_forms, export) in sides.items():
         forms[impl, "torch fp32"] = _torch_best(torch_forms(m, x, None, compile), probe, ref, tol)
         if bf16:
@@ -134,9 +134,9 @@ def bench_deploy(model: nn.Module, x: torch.Tensor, threads: int, seconds: float
     with tempfile.TemporaryDirectory() as tmp:
         forms = deploy_forms(model, x, workdir or tmp, threads, peer, compile, probe)
         fns = {k: fn for k, (_, fn) in forms.items()}
-        timings = B.alternate(fns, seconds, rounds, torch.device("cpu"), warmup=warmup,
+        timings = alternate(fns, seconds, rounds, torch.device("cpu"), warmup=warmup,
                               on_round=on_round)
-        diffs = {k: B.max_abs_diff(fn(), ref) for k, fn in fns.items()}
+        diffs = {k: max_abs_diff(fn(), ref) for k, fn in fns.items()}
     batch = x.shape[0]
     timm_fp32 = [k for k in timings if k[0] == "timm" and k[1] in FP32_FORMS]
     # per round, the fastest of timm's fp32 forms: the peer's best fp32 deployment of that moment
@@ -161,7 +161,7 @@ def bench_deploy(model: nn.Module, x: torch.Tensor, threads: int, seconds: float
 
 def onnx_speed(paths: dict[str, str | Path], input_shape: tuple[int, int, int], threads: int = 1,
                batch_sizes: tuple[int, ...] = (1, 16), seconds: float = 2.0, rounds: int = 4,
-               ) -> dict[int, dict[str, B.Timing]]:
+               ) -> dict[int, dict[str, Timing]]:
     """ONNX files (e.g. fp32 and int8) timed in ONNX Runtime alternately at each batch size:
     {batch: {name: Timing}}; ``seconds`` per file and batch size."""
     out = {}
@@ -171,5 +171,5 @@ def onnx_speed(paths: dict[str, str | Path], input_shape: tuple[int, int, int], 
         for name, path in paths.items():
             run = ort_predictor(path, threads)
             fns[name] = lambda run=run, x=x: run(x)
-        out[batch] = B.alternate(fns, seconds, rounds, torch.device("cpu"), warmup=0.2)
+        out[batch] = alternate(fns, seconds, rounds, torch.device("cpu"), warmup=0.2)
     return out
