@@ -215,14 +215,13 @@ def test_distributed_run_with_a_batch_unreadable_on_one_rank_does_not_hang(tmp_p
 def test_eval_checks_its_output_first_and_always_prints_the_metrics(trained, tmp_path, capsys, monkeypatch):
     import errno
 
-    import effvit.train
-    import effvit.train.metrics
+    import effvit.cli.eval
 
     data, run = trained
     (tmp_path / "taken").write_text("a file where the output folder should go")
     calls = []
-    real_evaluate = effvit.train.evaluate
-    monkeypatch.setattr(effvit.train, "evaluate", lambda *a, **kw: calls.append(1) or real_evaluate(*a, **kw))
+    real_evaluate = effvit.cli.eval.evaluate
+    monkeypatch.setattr(effvit.cli.eval, "evaluate", lambda *a, **kw: calls.append(1) or real_evaluate(*a, **kw))
     args = ["eval", "--checkpoint", str(run / "best.pth"), "--data", str(data), "--no-progress", "--workers", "0"]
     assert main([*args, "--output", str(tmp_path / "taken")]) == 2
     assert "is a file" in capsys.readouterr().err and not calls  # refused before evaluating
@@ -230,7 +229,7 @@ def test_eval_checks_its_output_first_and_always_prints_the_metrics(trained, tmp
     def full_disk(*a, **kw):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(effvit.train.metrics, "plot_confusion", full_disk)
+    monkeypatch.setattr(effvit.cli.eval, "plot_confusion", full_disk)
     assert main([*args, "--output", str(tmp_path / "ok")]) == 2
     cap = capsys.readouterr()
     assert "top-1" in cap.out and "No space left" in cap.err  # the numbers were shown before the write failed

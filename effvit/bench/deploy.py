@@ -41,7 +41,7 @@ def p90(times: list[float]) -> float:
 def ort_peak_ops(threads: int = 1, precision: str = "int8", n: int = 1024, seconds: float = 2.0) -> float:
     """Peak op/s attainable in ONNX Runtime: the best of repeated n x n x n products, uint8 x int8
     (``MatMulInteger``, the kernels its quantized convolutions use) or fp32 (``MatMul``), 2 n^3 ops each."""
-    import onnxruntime as ort  # the optional export dependencies
+    import onnxruntime as ort  # optional (the export extra) and heavy: loaded only where used
     from onnx import TensorProto, helper, numpy_helper
 
     if precision not in ("int8", "fp32"):

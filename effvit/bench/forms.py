@@ -105,7 +105,7 @@ def timm_forms(model: nn.Module, x: torch.Tensor, amp: torch.dtype | None = None
 
 def onnx_forward(path: str, x: torch.Tensor, threads: int) -> Forward:
     """ONNX Runtime CPU session on ``path`` with all graph optimisations, ``threads`` intra-op."""
-    import onnxruntime as ort
+    import onnxruntime as ort  # optional (the export extra) and heavy: loaded only for this form
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads

@@ -10,8 +10,11 @@ import json
 import time
 from pathlib import Path
 
+from PIL import Image
+
 from effvit.bench.deploy import onnx_speed, p90
 from effvit.cli import main as cli_main
+from effvit.train.data import FashionMNIST
 
 # The recipe of configs/fashion_mnist_m0.yaml at 64 px (a third of the compute of its 112 px) for 3 epochs,
 # each on a fresh random half of the training set, keeps the demo within 10 minutes.
@@ -33,10 +36,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _save_samples(root: str | None, out: Path, n: int) -> list[Path]:
     """A few Fashion-MNIST test images as PNG files, plus one corrupt file to show it being skipped."""
-    from PIL import Image
-
-    from effvit.train.data import FashionMNIST
-
     ds = FashionMNIST(root, train=False)
     out.mkdir(parents=True, exist_ok=True)
     files = []

@@ -11,6 +11,20 @@ import json
 import math
 from pathlib import Path
 
+from effvit.models import load_model
+from effvit.outputs import writable_dir
+from effvit.train import ClassificationTask, build_loader, evaluate, init_distributed
+from effvit.train.data import FashionMNIST, ImageFolder, check_same_classes, find_classes
+from effvit.train.distributed import cleanup
+from effvit.train.inference import (
+    arch_name,
+    class_names,
+    eval_transform,
+    has_own_class_names,
+    image_mode,
+)
+from effvit.train.metrics import per_class_accuracy, plot_confusion
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="evaluate a checkpoint: top-1/5, loss, per-class accuracy, confusion PNG",
@@ -35,9 +49,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def build_eval_dataset(model, dataset: str, root: str | None, split: str | None, transform):
-    from effvit.train.data import FashionMNIST, ImageFolder, check_same_classes, find_classes
-    from effvit.train.inference import arch_name, class_names, has_own_class_names, image_mode
-
     if dataset == "fashion_mnist":
         if split not in (None, "test", "val", "train"):
             raise ValueError(f"Fashion-MNIST has the splits train and test, not {split!r}")
@@ -62,13 +73,6 @@ def build_eval_dataset(model, dataset: str, root: str | None, split: str | None,
 
 
 def run(args: argparse.Namespace) -> int:
-    from effvit.models import load_model
-    from effvit.outputs import writable_dir
-    from effvit.train import ClassificationTask, build_loader, evaluate, init_distributed
-    from effvit.train.distributed import cleanup
-    from effvit.train.inference import arch_name, class_names, eval_transform
-    from effvit.train.metrics import per_class_accuracy, plot_confusion
-
     ctx = init_distributed(args.device)
     try:
         model = load_model(args.checkpoint, use_ema=args.ema, img_size=args.img_size)

@@ -9,6 +9,14 @@ import json
 import tempfile
 from pathlib import Path
 
+from effvit.fast.calibration import batches, image_sets
+from effvit.fast.cpuinfo import bf16_unit
+from effvit.fast.export import export_onnx, export_torchscript
+from effvit.fast.openvino_ir import export_openvino, openvino_predictor
+from effvit.fast.quantize import compare_predictions, export_int8, ort_predictor
+from effvit.models import create_model, load_model, resolve_models
+from effvit.train.inference import eval_transform
+
 FORMATS = {"onnx": ".onnx", "torchscript": ".ts.pt", "openvino": ".xml"}
 
 
@@ -49,9 +57,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from effvit.fast.export import export_onnx, export_torchscript
-    from effvit.models import create_model, load_model, resolve_models
-
     names = resolve_models(args.model or "m0")
     if len(names) != 1:
         raise ValueError(f"--model takes one variant, got {args.model!r}")
@@ -101,16 +106,11 @@ def run(args: argparse.Namespace) -> int:
 
 def _int8_images(args, model):
     """Calibration and held-out images (``effvit.fast.calibration.ImageSets``) for ``--int8``."""
-    from effvit.fast.calibration import image_sets
-    from effvit.train.inference import eval_transform
-
     return image_sets(model, eval_transform(model), folder=args.calib, data_root=args.data,
                       calibration_images=args.calib_images, held_out_images=args.check_images)
 
 
 def _export_int8(args, model, sets, onnx_path: Path, int8_path: Path) -> None:
-    from effvit.fast.quantize import export_int8
-
     ops = args.int8_ops.split(",")
     n, agreement, skipped = export_int8(onnx_path, int8_path, sets, ops=ops, method=args.calib_method,
                                         min_agreement=args.min_agreement)
@@ -129,11 +129,6 @@ def _export_int8(args, model, sets, onnx_path: Path, int8_path: Path) -> None:
 def _export_openvino(args, model, size, onnx_path: Path, xml: Path, int8_path: Path, sets) -> None:
     """fp32 IR (parity-checked); with ``--int8`` the int8 IR, and where the CPU has bf16 units the IR
     run in bf16, both checked against fp32 ONNX Runtime on the held-out images."""
-    from effvit.fast.calibration import batches
-    from effvit.fast.cpuinfo import bf16_unit
-    from effvit.fast.openvino_ir import export_openvino, openvino_predictor
-    from effvit.fast.quantize import compare_predictions, ort_predictor
-
     diff = export_openvino(onnx_path, xml, None if args.no_verify else model, size, args.atol)
     note = "not verified" if diff is None else f"verified with OpenVINO f32: max abs diff {diff:.2e}"
     print(f"{'openvino':<12} {xml}  ({note}; dynamic batch, {size[0]}x{size[1]})")

@@ -17,6 +17,16 @@ import sys
 from pathlib import Path
 
 from effvit.cli.options import add_run_options
+from effvit.outputs import writable_dir
+from effvit.rotation.data import FolderImages, RotatedImages, Subset, fashion_mnist
+from effvit.rotation.evaluate import evaluate_rotation, summary_lines, write_report
+from effvit.rotation.export import export_best
+from effvit.rotation.model import load_rotation_model, save_rotation_model
+from effvit.rotation.straighten import parse_range
+from effvit.rotation.task import build_rotation_task, load_rotation_config
+from effvit.train import launch
+from effvit.train.checkpoint import load_training_state
+from effvit.train.config import flag_values
 
 SHORTCUTS = {  # flag -> config key
     "model": "model.name", "method": "task.method", "data": "data.root", "dataset": "data.dataset",
@@ -31,8 +41,6 @@ DEFAULT_CONFIG = {"folder": "rotation_photos_m0", "fashion_mnist": "rotation_fas
 
 def parse_angle_range(spec: str) -> tuple[float, float]:
     """'full' -> (0, 360); '45' -> (-45, 45); '-10,30' -> (-10, 30)."""
-    from effvit.rotation.straighten import parse_range
-
     r = parse_range(spec)
     return (0.0, 360.0) if r is None else r
 
@@ -97,10 +105,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 # -- train -----------------------------------------------------------------------------------------
 def resolve_config(args: argparse.Namespace):
-    from effvit.rotation.task import load_rotation_config
-    from effvit.train.checkpoint import load_training_state
-    from effvit.train.config import flag_values
-
     values = flag_values(args, SHORTCUTS)
     if args.overwrite:
         values.setdefault("run", {})["overwrite"] = True
@@ -119,10 +123,6 @@ def resolve_config(args: argparse.Namespace):
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from effvit.rotation.export import export_best
-    from effvit.rotation.task import build_rotation_task
-    from effvit.train import launch
-
     cfg = resolve_config(args)
     if args.print_config:
         print(cfg.to_yaml(), end="")
@@ -135,8 +135,6 @@ def run_train(args: argparse.Namespace) -> int:
 
 # -- eval ------------------------------------------------------------------------------------------
 def build_test_set(args: argparse.Namespace, model):
-    from effvit.rotation.data import FolderImages, RotatedImages, Subset, fashion_mnist
-
     c = model.config
     settings = c.get("settings") or {}
     angle_range = parse_angle_range(args.angle_range) if args.angle_range else tuple(c["angle_range"])
@@ -160,11 +158,6 @@ def build_test_set(args: argparse.Namespace, model):
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from effvit.outputs import writable_dir
-    from effvit.rotation.evaluate import evaluate_rotation, summary_lines, write_report
-    from effvit.rotation.model import load_rotation_model
-    from effvit.rotation.straighten import parse_range
-
     model = load_rotation_model(args.checkpoint, device=args.device, use_ema=args.ema)
     ds, label, angle_range = build_test_set(args, model)
     window = parse_range(args.window) if args.window is not None else model.trained_range
@@ -195,8 +188,6 @@ def run_eval(args: argparse.Namespace) -> int:
 
 # -- export ----------------------------------------------------------------------------------------
 def run_export(args: argparse.Namespace) -> int:
-    from effvit.rotation.model import load_rotation_model, save_rotation_model
-
     model = load_rotation_model(args.checkpoint, use_ema=args.ema)  # its config keeps the training notes
     path = save_rotation_model(model, args.out, half=args.half)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB, {'fp16' if args.half else 'fp32'})")

@@ -6,6 +6,9 @@ import argparse
 import json
 import sys
 
+from effvit.rotation.model import load_rotation_model
+from effvit.rotation.straighten import parse_range, straighten_files
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("straighten", help="estimate and undo the rotation of photos (files or folders)",
@@ -53,9 +56,6 @@ def _row(r) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from effvit.rotation.model import load_rotation_model
-    from effvit.rotation.straighten import parse_range, straighten_files
-
     if not 0.0 <= args.min_confidence <= 1.0:
         raise ValueError(f"--min-confidence must be in [0, 1], got {args.min_confidence}")
     if args.quality is not None and not 1 <= args.quality <= 100:

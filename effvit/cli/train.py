@@ -13,6 +13,11 @@ from __future__ import annotations
 import argparse
 
 from effvit.cli.options import add_run_options
+from effvit.models import variant_name
+from effvit.models.efficientnet_lite import has_package_weights
+from effvit.train import build_classification_task, launch, load_classification_config
+from effvit.train.checkpoint import load_training_state
+from effvit.train.config import flag_values, packaged_configs
 
 SHORTCUTS = {  # flag -> config key, set to the flag's value as argparse typed it (text stays text)
     "model": "model.name", "data": "data.root", "dataset": "data.dataset", "epochs": "sched.epochs",
@@ -68,12 +73,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def resolve_config(args: argparse.Namespace):
     """Shipped/file config (or the resumed run's) <- flags <- KEY=VALUE overrides."""
-    from effvit.models import variant_name
-    from effvit.models.efficientnet_lite import has_package_weights
-    from effvit.train import load_classification_config
-    from effvit.train.checkpoint import load_training_state
-    from effvit.train.config import flag_values
-
     values = flag_values(args, SHORTCUTS)
     for attr, key in FLAGS.items():
         if getattr(args, attr, False):
@@ -94,9 +93,6 @@ def resolve_config(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from effvit.train import build_classification_task, launch
-    from effvit.train.config import packaged_configs
-
     if args.list_configs:
         print("\n".join(packaged_configs()))
         return 0

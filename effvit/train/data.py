@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from timm.data.distributed_sampler import RepeatAugSampler
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate
 
 from effvit.images import IMG_EXTENSIONS, note_first_frame, to_mode
@@ -233,8 +234,6 @@ def build_train_sampler(dataset: Dataset, ctx: DistContext, seed: int, repeated_
     """Shuffled per epoch from (seed, epoch) alone, so a resumed run draws the same order; sharded over
     ranks; with ``repeated_aug`` > 1 timm's RepeatAugSampler (DeiT) spreads copies over ranks."""
     if repeated_aug > 1:
-        from timm.data.distributed_sampler import RepeatAugSampler
-
         base: Sampler = RepeatAugSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,
                                          num_repeats=repeated_aug)
     else:

@@ -10,9 +10,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from effvit.models import create_model, variant_name
+from effvit.models.weights import fit_state_dict, read_checkpoint
 
 KINDS = ("none", "soft", "hard")
 
@@ -49,9 +53,6 @@ def build_teacher(name: str, checkpoint: str | None, num_classes: int, in_chans:
                   img_size: int) -> nn.Module:
     """An effvit model (name starting with efficientvit_) or any timm model, all of its weights (head
     included: a teacher must predict the student's classes) from ``checkpoint``, frozen in eval mode."""
-    from effvit.models import create_model, variant_name
-    from effvit.models.weights import fit_state_dict, read_checkpoint
-
     if not checkpoint:
         raise ValueError(f"distill.teacher={name} needs distill.teacher_checkpoint: an untrained teacher "
                          "teaches nothing (no weights can be downloaded here)")
@@ -59,8 +60,6 @@ def build_teacher(name: str, checkpoint: str | None, num_classes: int, in_chans:
     if variant is not None:
         teacher = create_model(variant, num_classes=num_classes, in_chans=in_chans, img_size=img_size)
     else:
-        import timm
-
         try:
             teacher = timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans)
         except RuntimeError as e:

@@ -22,6 +22,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3, dispatch_clip_grad, distribute_bn
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -147,8 +150,6 @@ def report_skipped(names: list[str], strict: bool, ctx: DistContext) -> None:
 def build_optimizer(model: nn.Module, cfg: Config, global_batch: int):
     """AdamW (or any timm optimizer) at lr = base_lr * global_batch / lr_base_size unless optim.lr is
     set; no weight decay on 1-D parameters and on ``model.no_weight_decay()`` (the bias tables)."""
-    from timm.optim import create_optimizer_v2
-
     o = cfg.optim
     lr = o.lr if o.lr is not None else o.base_lr * global_batch / o.lr_base_size
     kwargs: dict[str, Any] = {"eps": o.eps, "betas": tuple(o.betas)} if "adam" in o.opt.lower() else {}
@@ -157,8 +158,6 @@ def build_optimizer(model: nn.Module, cfg: Config, global_batch: int):
 
 
 def build_scheduler(optimizer, cfg: Config, updates_per_epoch: int):
-    from timm.scheduler import create_scheduler_v2
-
     s = cfg.sched
     return create_scheduler_v2(optimizer, sched=s.sched, num_epochs=s.epochs, warmup_epochs=s.warmup_epochs,
                                warmup_lr=s.warmup_lr, min_lr=s.min_lr, cooldown_epochs=s.cooldown_epochs,
@@ -204,8 +203,6 @@ def clip_gradients_(params: list[torch.Tensor], value: float, mode: str) -> None
     if mode == "agc":
         adaptive_clip_grad_(params, clip_factor=value)
     elif mode in ("norm", "value"):
-        from timm.utils import dispatch_clip_grad
-
         dispatch_clip_grad(params, value=value, mode=mode)
     else:
         raise ValueError(f"optim.clip_mode must be agc, norm or value, got {mode!r}")
@@ -433,8 +430,6 @@ def _train(task: Task, cfg: Config, out: Path, resume: str | Path | None, ctx: D
     scaler = torch.amp.GradScaler(ctx.device.type) if r.amp == "fp16" else None
     ema = None
     if cfg.ema.enabled:
-        from timm.utils import ModelEmaV3
-
         ema = ModelEmaV3(model, decay=cfg.ema.decay, use_warmup=cfg.ema.warmup)
 
     last_path, best_path = out / "last.pth", out / "best.pth"
@@ -507,8 +502,6 @@ def _train(task: Task, cfg: Config, out: Path, resume: str | Path | None, ctx: D
         if scheduler is not None:
             scheduler.step(epoch + 1)
         if ctx.distributed:  # BN running statistics are per rank: average them (weights already agree)
-            from timm.utils import distribute_bn
-
             distribute_bn(model, ctx.world_size, reduce=True)
             if ema is not None:
                 distribute_bn(ema.module, ctx.world_size, reduce=True)

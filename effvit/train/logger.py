@@ -10,6 +10,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from effvit.outputs import write_csv
+from effvit.plots import pyplot, save_figure
 
 
 class RunLogger:
@@ -23,7 +24,7 @@ class RunLogger:
         if enabled:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             if tensorboard:
-                try:
+                try:  # optional (the tensorboard package) and heavy: loaded only when asked for
                     from torch.utils.tensorboard import SummaryWriter
                 except ImportError as e:
                     raise ValueError("run.tensorboard=true needs the tensorboard package: "
@@ -58,8 +59,6 @@ def plot_curves(history: Sequence[dict], path: str | Path, metric: str = "top1")
     """Loss (train and val) and the selection metric (val, and EMA when present) against the epoch."""
     if not history:
         return None
-    from effvit.plots import pyplot, save_figure
-
     plt = pyplot()
 
     epochs = [h["epoch"] for h in history]

@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from effvit.plots import pyplot, save_figure
+
 
 def classification_stats(logits: torch.Tensor, targets: torch.Tensor,
                          num_classes: int) -> dict[str, torch.Tensor]:
@@ -43,8 +45,6 @@ def per_class_accuracy(confusion: torch.Tensor) -> list[float]:
 def plot_confusion(confusion: torch.Tensor, class_names: Sequence[str] | None, path: str | Path,
                    title: str = "") -> Path:
     """Row-normalised confusion matrix as a PNG (counts in the cells for up to 30 classes)."""
-    from effvit.plots import pyplot, save_figure
-
     plt = pyplot()
 
     c = confusion.double().cpu()
