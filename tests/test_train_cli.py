@@ -13,6 +13,7 @@ import torch
 from _train_helpers import make_image_folder
 
 from effvit.cli import main
+from effvit.train.evaluation import evaluate_checkpoint, save_evaluation
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--config", "fashion_mnist_m0", "--dataset", "folder", "--img-size", "32", "--in-chans", "3",
@@ -59,6 +60,25 @@ def test_eval_reports_per_class_accuracy_and_confusion_png(trained, tmp_path, ca
     assert main(["eval", "--checkpoint", str(run / "best.pth"), "--ema", "--data", str(data), "--output",
                  str(tmp_path / "ema"), "--no-progress", "--json", "--workers", "0"]) == 0
     assert json.loads(capsys.readouterr().out)["weights"] == "ema"
+
+
+def test_evaluate_checkpoint_returns_the_numbers_and_save_writes_them(trained, tmp_path):
+    data, run = trained
+    result = evaluate_checkpoint(run / "best.pth", data=str(data), output=tmp_path / "out", workers=0,
+                                 progress=False)
+    assert result.arch == "efficientvit_m0" and result.dataset == "folder" and result.split == "val"
+    assert result.class_names == ["circle", "square"] and not result.ema
+    assert result.confusion.shape == (2, 2) and int(result.confusion.sum()) == 6 == result.report["samples"]
+    assert result.confusion.sum(dim=1).tolist() == [3, 3]
+    hits = result.confusion.diag().tolist()
+    assert result.per_class == [100 * hits[0] / 3, 100 * hits[1] / 3]
+    assert result.report["per_class"] == dict(zip(result.class_names, result.per_class, strict=True))
+    assert result.output_dir == tmp_path / "out" and result.written == []
+    assert not (tmp_path / "out" / "metrics.json").exists()  # evaluating writes nothing
+    written = save_evaluation(result)
+    assert written == result.written == [tmp_path / "out" / "metrics.json", tmp_path / "out" / "confusion.png"]
+    assert json.loads(written[0].read_text()) == result.report
+    assert written[1].stat().st_size > 1000
 
 
 def test_eval_refuses_other_class_folders(trained, tmp_path, capsys):
@@ -215,13 +235,14 @@ def test_distributed_run_with_a_batch_unreadable_on_one_rank_does_not_hang(tmp_p
 def test_eval_checks_its_output_first_and_always_prints_the_metrics(trained, tmp_path, capsys, monkeypatch):
     import errno
 
-    import effvit.cli.eval
+    import effvit.train.evaluation
 
     data, run = trained
     (tmp_path / "taken").write_text("a file where the output folder should go")
     calls = []
-    real_evaluate = effvit.cli.eval.evaluate
-    monkeypatch.setattr(effvit.cli.eval, "evaluate", lambda *a, **kw: calls.append(1) or real_evaluate(*a, **kw))
+    real_evaluate = effvit.train.evaluation.evaluate
+    monkeypatch.setattr(effvit.train.evaluation, "evaluate",
+                        lambda *a, **kw: calls.append(1) or real_evaluate(*a, **kw))
     args = ["eval", "--checkpoint", str(run / "best.pth"), "--data", str(data), "--no-progress", "--workers", "0"]
     assert main([*args, "--output", str(tmp_path / "taken")]) == 2
     assert "is a file" in capsys.readouterr().err and not calls  # refused before evaluating
@@ -229,7 +250,7 @@ def test_eval_checks_its_output_first_and_always_prints_the_metrics(trained, tmp
     def full_disk(*a, **kw):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(effvit.cli.eval, "plot_confusion", full_disk)
+    monkeypatch.setattr(effvit.train.evaluation, "plot_confusion", full_disk)
     assert main([*args, "--output", str(tmp_path / "ok")]) == 2
     cap = capsys.readouterr()
     assert "top-1" in cap.out and "No space left" in cap.err  # the numbers were shown before the write failed

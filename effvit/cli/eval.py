@@ -9,21 +9,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from pathlib import Path
 
-from effvit.models import load_model
-from effvit.outputs import writable_dir
-from effvit.train import ClassificationTask, build_loader, evaluate, init_distributed
-from effvit.train.data import FashionMNIST, ImageFolder, check_same_classes, find_classes
-from effvit.train.distributed import cleanup
-from effvit.train.inference import (
-    arch_name,
-    class_names,
-    eval_transform,
-    has_own_class_names,
-    image_mode,
-)
-from effvit.train.metrics import per_class_accuracy, plot_confusion
+from effvit.train.evaluation import evaluate_checkpoint, save_evaluation
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -48,66 +35,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def build_eval_dataset(model, dataset: str, root: str | None, split: str | None, transform):
-    if dataset == "fashion_mnist":
-        if split not in (None, "test", "val", "train"):
-            raise ValueError(f"Fashion-MNIST has the splits train and test, not {split!r}")
-        ds = FashionMNIST(root, train=split == "train", transform=transform, mode=image_mode(model))
-        return ds, split or "test"
-    if not root:
-        raise ValueError("pass --data DIR: the folder holding DIR/val/<class>/*.jpg (or --split NAME)")
-    split = split or "val"
-    split_dir = Path(root) / split
-    if not Path(root).is_dir():
-        raise FileNotFoundError(f"data folder {root} does not exist")
-    classes = find_classes(split_dir)
-    names = class_names(model)
-    if has_own_class_names(model):
-        check_same_classes(names, classes, Path(f"{arch_name(model)} checkpoint classes"), split_dir)
-    elif len(classes) != model.num_classes:
-        raise ValueError(f"{split_dir} has {len(classes)} class folders but the model has {model.num_classes} "
-                         "outputs")
-    else:
-        names = classes
-    return ImageFolder(split_dir, names, transform=transform, mode=image_mode(model)), split
-
-
 def run(args: argparse.Namespace) -> int:
-    ctx = init_distributed(args.device)
-    try:
-        model = load_model(args.checkpoint, use_ema=args.ema, img_size=args.img_size)
-        names = class_names(model)
-        trained_on = model.pretrained_cfg.get("dataset")
-        dataset = args.dataset or ("fashion_mnist" if trained_on == "fashion_mnist" else "folder")
-        ds, split = build_eval_dataset(model, dataset, args.data, args.split, eval_transform(model))
-        out = Path(args.output) if args.output else Path(args.checkpoint).parent / f"eval-{split}"
-        if ctx.is_main:
-            writable_dir(out)  # before the evaluation, not after it
-        loader = build_loader(ds, args.batch_size, ctx=ctx, num_workers=args.workers, pin_memory=True)
-        task = ClassificationTask(model, None, ds, num_classes=model.num_classes, class_names=names)
-        model.to(ctx.device)
-        res = evaluate(model, loader, task, ctx=ctx, amp=args.amp, strict=args.strict,
-                       progress=not args.no_progress, desc=f"eval {split}")
-    finally:
-        cleanup()
-    if not ctx.is_main:
+    result = evaluate_checkpoint(args.checkpoint, data=args.data, dataset=args.dataset, split=args.split,
+                                 ema=args.ema, img_size=args.img_size, batch_size=args.batch_size,
+                                 workers=args.workers, device=args.device, amp=args.amp, strict=args.strict,
+                                 output=args.output, progress=not args.no_progress)
+    if result is None:  # not the main rank
         return 0
-    confusion = res.stats["confusion"]
-    per_class = per_class_accuracy(confusion)
-    report = {"checkpoint": str(args.checkpoint), "weights": "ema" if args.ema else "model", "split": split,
-              "samples": int(res.stats["count"]), "skipped": res.skipped, **res.metrics,
-              "per_class": {n: (None if math.isnan(a) else a) for n, a in zip(names, per_class,
-                                                                               strict=True)}}
     if args.json:
-        print(json.dumps(report, indent=2))
+        print(json.dumps(result.report, indent=2))
     else:
-        print_report(report, arch_name(model), names, dataset, confusion, per_class, args.ema)
+        print_report(result.report, result.arch, result.class_names, result.dataset, result.confusion,
+                     result.per_class, result.ema)
     # the metrics are printed first: a write that fails now (a full disk) loses no result
-    (out / "metrics.json").write_text(json.dumps(report, indent=2))
-    title = f"{arch_name(model)} on {dataset} {split}: top-1 {res.metrics['top1']:.2f}%"
-    png = plot_confusion(confusion, names, out / "confusion.png", title=title)
+    metrics, png = save_evaluation(result)
     if not args.json:
-        print(f"\nwrote {out / 'metrics.json'} and {png}")
+        print(f"\nwrote {metrics} and {png}")
     return 0
 
 
