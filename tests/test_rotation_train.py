@@ -163,6 +163,45 @@ def test_eval_command_writes_report(photo_dir, tmp_path, capsys):
     assert (tmp_path / "ev" / "errors.png").stat().st_size > 1000
 
 
+def test_build_test_set_takes_plain_arguments(photo_dir):
+    from effvit.rotation.evaluate import build_test_set
+    from effvit.rotation.model import RotationModel
+
+    model = RotationModel("m0", "cgd", img_size=32, angle_range=(-45, 45))
+    ds, label, angles = build_test_set(model, data=[photo_dir / "val"], repeats=2, seed=1, limit=4)
+    assert label == "val" and angles == (-45.0, 45.0) and len(ds) == 2 * 4
+    x, angle = ds[0]
+    assert x.shape == (3, 32, 32) and (angle <= 45 or angle >= 315)
+    _, _, narrow = build_test_set(model, data=[photo_dir / "val"], angle_range=(-5.0, 5.0))
+    assert narrow == (-5.0, 5.0)
+    with pytest.raises(ValueError, match="--data"):
+        build_test_set(model)
+    with pytest.raises(ValueError, match="repeats"):
+        build_test_set(model, data=[photo_dir / "val"], repeats=0)
+
+
+def test_evaluate_rotation_checkpoint_measures_then_saves(photo_dir, tmp_path):
+    from effvit.rotation.evaluate import evaluate_rotation_checkpoint, save_rotation_evaluation
+    from effvit.rotation.model import RotationModel, save_rotation_model
+
+    model = RotationModel("m0", "uv", img_size=32, angle_range=(-30, 30))
+    ckpt = save_rotation_model(model, tmp_path / "m.safetensors", extra={"settings": {"short_side": 64}})
+    ev = evaluate_rotation_checkpoint(ckpt, data=[photo_dir / "val"], repeats=2, progress=False)
+    assert ev.output_dir == tmp_path / "eval-val" and ev.written == {}
+    assert not any(ev.output_dir.iterdir())  # measuring writes nothing
+    assert ev.window == (-30.0, 30.0) and ev.angle_range == (-30.0, 30.0)  # the model's training range
+    assert ev.title == "m0 / uv on val" and len(ev.result.rows) == 2 * len(PHOTOS)
+    assert ev.info["images"] == len(PHOTOS) and ev.info["samples"] == 2 * len(PHOTOS)
+    assert ev.info["window"] == [-30.0, 30.0] and ev.info["method"] == "uv"
+    paths = save_rotation_evaluation(ev)
+    assert paths == ev.written and set(paths) == {"metrics", "predictions", "plot"}
+    saved = json.loads(paths["metrics"].read_text())
+    assert saved["samples"] == 2 * len(PHOTOS) and saved["subdegree"] == ev.result.metrics["subdegree"]
+    free = evaluate_rotation_checkpoint(ckpt, data=[photo_dir / "val"], window=None, out=tmp_path / "free",
+                                        progress=False)
+    assert free.window is None and free.info["window"] is None and free.output_dir == tmp_path / "free"
+
+
 def test_export_command_half(tmp_path):
     from effvit.cli import main
     from effvit.rotation.model import RotationModel, load_rotation_model, save_rotation_model

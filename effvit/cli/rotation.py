@@ -14,12 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from effvit.cli.options import add_run_options
-from effvit.outputs import writable_dir
-from effvit.rotation.data import FolderImages, RotatedImages, Subset, fashion_mnist
-from effvit.rotation.evaluate import evaluate_rotation, summary_lines, write_report
+from effvit.rotation.evaluate import (
+    TRAINED_WINDOW,
+    evaluate_rotation_checkpoint,
+    save_rotation_evaluation,
+    summary_lines,
+)
 from effvit.rotation.export import export_best
 from effvit.rotation.model import load_rotation_model, save_rotation_model
 from effvit.rotation.straighten import parse_range
@@ -134,51 +136,24 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 # -- eval ------------------------------------------------------------------------------------------
-def build_test_set(args: argparse.Namespace, model):
-    c = model.config
-    settings = c.get("settings") or {}
-    angle_range = parse_angle_range(args.angle_range) if args.angle_range else tuple(c["angle_range"])
-    mode = "L" if c["in_chans"] == 1 else "RGB"
-    if args.dataset == "fashion_mnist":
-        root = args.data[0] if args.data else None
-        src = fashion_mnist(args.split, root, pad_to=settings.get("pad_to", 40))
-        label = f"fashion-mnist-{args.split}"
-    else:
-        if not args.data:
-            raise ValueError("give the test images with --data DIR... (or --dataset fashion_mnist)")
-        src = FolderImages.from_roots(*args.data, short_side=settings.get("short_side", 512), mode=mode)
-        label = Path(args.data[0]).name or "data"
-    if args.limit:
-        src = Subset(src, range(min(args.limit, len(src))))
-    if args.repeats < 1:
-        raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
-    ds = RotatedImages(src, c["img_size"], c["mean"], c["std"], angle_range=angle_range,
-                       crop=c.get("crop", "max_area"), seed=args.seed, repeats=args.repeats)
-    return ds, label, angle_range
-
-
 def run_eval(args: argparse.Namespace) -> int:
-    model = load_rotation_model(args.checkpoint, device=args.device, use_ema=args.ema)
-    ds, label, angle_range = build_test_set(args, model)
-    window = parse_range(args.window) if args.window is not None else model.trained_range
-    out = writable_dir(Path(args.out) if args.out else Path(args.checkpoint).parent / f"eval-{label}", "--out")
-    res = evaluate_rotation(model, ds, window=window, batch_size=args.batch_size, workers=args.workers,
-                            device=args.device, progress=not args.no_progress)
-    c = model.config
-    info = {"checkpoint": str(args.checkpoint), "method": c["method"], "backbone": c["backbone"],
-            "data": label, "images": len(ds) // args.repeats, "samples": len(res.rows),
-            "repeats": args.repeats,
-            "seed": args.seed, "angle_range": list(angle_range), "window": list(window) if window else None}
+    ev = evaluate_rotation_checkpoint(
+        args.checkpoint, data=args.data or (), dataset=args.dataset, split=args.split,
+        angle_range=parse_angle_range(args.angle_range) if args.angle_range else None,
+        window=parse_range(args.window) if args.window is not None else TRAINED_WINDOW, repeats=args.repeats,
+        seed=args.seed, limit=args.limit, batch_size=args.batch_size, workers=args.workers, device=args.device,
+        ema=args.ema, out=args.out, progress=not args.no_progress)
+    res, window, angle_range = ev.result, ev.window, ev.angle_range
     if args.json:
-        print(json.dumps({**info, **res.metrics}, indent=2))
+        print(json.dumps({**ev.info, **res.metrics}, indent=2))
     else:
-        print(f"{c['backbone']} / {c['method']} on {label}: {len(res.rows)} samples, angles "
+        print(f"{ev.title}: {len(res.rows)} samples, angles "
               f"{angle_range[0]:g}..{angle_range[1]:g}" + (f", answers within {window[0]:g}..{window[1]:g}"
                                                           if window else ""))
-        for line in summary_lines(res, c["method"]):
+        for line in summary_lines(res, ev.method):
             print("  " + line)
     # the metrics are printed first: a write that fails now (a full disk) loses no result
-    paths = write_report(res, out, title=f"{c['backbone']} / {c['method']} on {label}", extra=info)
+    paths = save_rotation_evaluation(ev)
     if not args.json:
         print(f"report: {paths['metrics']}, {paths['predictions']}, {paths['plot']}")
     for s in res.skipped:

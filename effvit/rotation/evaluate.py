@@ -8,7 +8,8 @@ confidence is worth: the metrics on the most confident 50% and 80% of the images
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -16,12 +17,15 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from effvit.outputs import write_csv
+from effvit.outputs import writable_dir, write_csv
 from effvit.plots import pyplot, save_figure
 from effvit.train.data import skip_collate
 
+from .data import FolderImages, RotatedImages, Subset, fashion_mnist
 from .metrics import circular_error, format_metrics, rotation_metrics
-from .model import RotationModel
+from .model import RotationModel, load_rotation_model
+
+TRAINED_WINDOW = "trained"  # evaluate_rotation_checkpoint's default window: the model's own training range
 
 
 class _Indexed(Dataset):
@@ -151,3 +155,90 @@ def summary_lines(result: RotationEval, method: str) -> list[str]:
         lines.append(f"most confident {k} (conf >= {v['min_confidence']:.3f}): MAE {v['mae']:.2f}  "
                      f"median {v['median']:.2f}  acc@5 {v['acc@5']:.1f}%")
     return lines
+
+
+def build_test_set(model: RotationModel, *, data: Sequence[str | Path] = (), dataset: str = "folder",
+                   split: str = "test", angle_range: tuple[float, float] | None = None, repeats: int = 1,
+                   seed: int = 0, limit: int | None = None) -> tuple[RotatedImages, str, tuple[float, float]]:
+    """Fixed-angle test samples for ``model``: (samples, the data's label, the angle range used).
+
+    ``data``: files or folders of upright images (for Fashion-MNIST, optionally its IDX folder first);
+    ``angle_range`` defaults to the model's training range.
+    """
+    c = model.config
+    settings = c.get("settings") or {}
+    angle_range = tuple(angle_range) if angle_range else tuple(c["angle_range"])
+    mode = "L" if c["in_chans"] == 1 else "RGB"
+    if dataset == "fashion_mnist":
+        root = data[0] if data else None
+        src = fashion_mnist(split, root, pad_to=settings.get("pad_to", 40))
+        label = f"fashion-mnist-{split}"
+    else:
+        if not data:
+            raise ValueError("give the test images with --data DIR... (or --dataset fashion_mnist)")
+        src = FolderImages.from_roots(*data, short_side=settings.get("short_side", 512), mode=mode)
+        label = Path(data[0]).name or "data"
+    if limit:
+        src = Subset(src, range(min(limit, len(src))))
+    if repeats < 1:
+        raise ValueError(f"--repeats must be >= 1, got {repeats}")
+    ds = RotatedImages(src, c["img_size"], c["mean"], c["std"], angle_range=angle_range,
+                       crop=c.get("crop", "max_area"), seed=seed, repeats=repeats)
+    return ds, label, angle_range
+
+
+@dataclass
+class RotationCheckpointEval:
+    """What ``evaluate_rotation_checkpoint`` measured; ``info`` heads metrics.json (what was tested)."""
+
+    result: RotationEval
+    info: dict
+    backbone: str
+    method: str
+    label: str
+    angle_range: tuple[float, float]
+    window: tuple[float, float] | None
+    output_dir: Path
+    written: dict = field(default_factory=dict)  # filled by save_rotation_evaluation
+
+    @property
+    def title(self) -> str:
+        return f"{self.backbone} / {self.method} on {self.label}"
+
+
+def evaluate_rotation_checkpoint(checkpoint: str | Path, *, data: Sequence[str | Path] = (),
+                                 dataset: str = "folder", split: str = "test",
+                                 angle_range: tuple[float, float] | None = None,
+                                 window: tuple[float, float] | None | str = TRAINED_WINDOW, repeats: int = 1,
+                                 seed: int = 0, limit: int | None = None, batch_size: int = 128,
+                                 workers: int = 0, device: str = "cpu", ema: bool = False,
+                                 out: str | Path | None = None, progress: bool = True) -> RotationCheckpointEval:
+    """Load a rotation model and score it on fixed-angle samples (``build_test_set``); writes nothing.
+
+    ``window`` restricts the answers (None: any angle; default: the model's training range when it is a
+    tilt window). ``out`` (default eval-<data> beside the checkpoint) is checked writable before evaluating.
+    """
+    model = load_rotation_model(checkpoint, device=device, use_ema=ema)
+    ds, label, angle_range = build_test_set(model, data=data, dataset=dataset, split=split,
+                                            angle_range=angle_range, repeats=repeats, seed=seed, limit=limit)
+    if isinstance(window, str):
+        if window != TRAINED_WINDOW:
+            raise ValueError(f"window is a (low, high) pair, None or {TRAINED_WINDOW!r}, not {window!r}")
+        window = model.trained_range
+    out = writable_dir(Path(out) if out else Path(checkpoint).parent / f"eval-{label}", "--out")
+    res = evaluate_rotation(model, ds, window=window, batch_size=batch_size, workers=workers, device=device,
+                            progress=progress)
+    c = model.config
+    info = {"checkpoint": str(checkpoint), "method": c["method"], "backbone": c["backbone"],
+            "data": label, "images": len(ds) // repeats, "samples": len(res.rows),
+            "repeats": repeats,
+            "seed": seed, "angle_range": list(angle_range), "window": list(window) if window else None}
+    return RotationCheckpointEval(result=res, info=info, backbone=c["backbone"], method=c["method"],
+                                  label=label, angle_range=angle_range, window=window, output_dir=out)
+
+
+def save_rotation_evaluation(evaluation: RotationCheckpointEval) -> dict:
+    """``write_report`` into ``evaluation.output_dir``; returns (and records) the paths written."""
+    evaluation.written = write_report(evaluation.result, evaluation.output_dir, title=evaluation.title,
+                                      extra=evaluation.info)
+    return evaluation.written
