@@ -5,6 +5,7 @@ Small models at 64 px keep these fast; speed is never asserted (it lives in benc
 from __future__ import annotations
 
 import csv
+import json
 
 import numpy as np
 import onnx
@@ -17,6 +18,7 @@ from effvit.bench.weights import randomise_norms
 from effvit.cli import main
 from effvit.fast import cpuinfo
 from effvit.fast.calibration import batches, image_sets
+from effvit.fast.deploy import build_export_model, export_model
 from effvit.fast.export import export_onnx
 from effvit.fast.openvino_ir import export_openvino, openvino_predictor, verify_openvino
 from effvit.fast.quantize import compare_predictions, ort_predictor, quantize_onnx
@@ -199,6 +201,42 @@ def test_export_cli_int8_from_the_checkpoint_data_and_rejection(tmp_path, capsys
     # a rejected file is not left behind, nor does it replace the earlier accepted one
     assert int8.read_bytes() == kept and sorted(p.name for p in out.iterdir()) == files
     assert (out / "efficientvit_m0_64x64.onnx").is_file()  # the fp32 export stays
+
+
+def test_export_model_returns_each_export_as_it_is_done(tmp_path):
+    model = _grey_model()
+    calib = _folder(tmp_path / "calib", 12, corrupt=False)
+    seen = []
+    results = export_model(model, tmp_path / "out", formats=["openvino"], int8=True, calib=calib,
+                           check_images=32, min_agreement=0.8, on_result=seen.append)
+    assert seen == results
+    stem = tmp_path / "out" / "efficientvit_m0_64x64"
+    assert [r.format for r in results][:3] == ["onnx", "int8", "openvino"]
+    assert [r.format for r in results][3:] == ["openvino-check"] * (2 if cpuinfo.bf16_unit() else 1)
+    onnx_input, int8, ir = results[:3]
+    assert not onnx_input.kept and not onnx_input.path.exists()  # the conversion's input, written aside
+    assert onnx_input.max_abs_diff is not None and onnx_input.max_abs_diff <= 1e-4
+    assert int8.path == stem.with_suffix(".int8.onnx") and int8.path.is_file()
+    assert json.loads(stem.with_suffix(".int8.json").read_text()) == int8.record
+    # no dataset in the model's metadata: the folder is split into calibration and held-out images
+    assert int8.record["calibration_images"] + int8.agreement.images == 12 == len(list(calib.iterdir()))
+    assert ir.path == stem.with_suffix(".xml") and ir.path.is_file() and ir.max_abs_diff <= 1e-4
+    assert results[3].path == stem.with_suffix(".int8.xml") and results[3].agreement.agreement >= 0.8
+    assert all(r.lines for r in results) and "int8" in int8.lines[0]
+    with pytest.raises(ValueError, match="unknown format 'tflite'"):
+        export_model(model, tmp_path / "none", formats=["tflite"])
+    assert not (tmp_path / "none").exists()
+
+
+def test_build_export_model_from_a_checkpoint_or_a_name(tmp_path):
+    ckpt = save_checkpoint(_grey_model(), tmp_path / "grey.pth", meta=FASHION)
+    loaded = build_export_model(checkpoint=ckpt)
+    assert loaded.img_size == (SIZE, SIZE) and loaded.in_chans == 1 and loaded.num_classes == 10
+    fresh = build_export_model("m1", num_classes=3, img_size=[48, 32])
+    assert fresh.variant == "efficientvit_m1" and fresh.img_size == (48, 32) and fresh.num_classes == 3
+    assert build_export_model().img_size == (224, 224)
+    with pytest.raises(ValueError, match="positive numbers of pixels"):
+        build_export_model(img_size=[0])
 
 
 def test_int8_needs_images(tmp_path, capsys):

@@ -4,20 +4,8 @@ writing; ``--int8`` adds the post-training int8 form, checked against fp32 on he
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
-import tempfile
-from pathlib import Path
 
-from effvit.fast.calibration import batches, image_sets
-from effvit.fast.cpuinfo import bf16_unit
-from effvit.fast.export import export_onnx, export_torchscript
-from effvit.fast.openvino_ir import export_openvino, openvino_predictor
-from effvit.fast.quantize import compare_predictions, export_int8, ort_predictor
-from effvit.models import create_model, load_model, resolve_models
-from effvit.train.inference import eval_transform
-
-FORMATS = {"onnx": ".onnx", "torchscript": ".ts.pt", "openvino": ".xml"}
+from effvit.fast.deploy import ExportResult, build_export_model, check_formats, export_model
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -57,88 +45,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    names = resolve_models(args.model or "m0")
-    if len(names) != 1:
-        raise ValueError(f"--model takes one variant, got {args.model!r}")
-    formats = [f.strip().lower() for f in args.format.split(",") if f.strip()]
-    for f in formats:
-        if f not in FORMATS:
-            raise ValueError(f"unknown format {f!r}; choose from {', '.join(FORMATS)}")
-    if args.img_size is not None and (len(args.img_size) not in (1, 2) or min(args.img_size) < 1):
-        raise ValueError(f"--img-size takes H or H W, positive numbers of pixels, got {args.img_size}")
-    size = None if args.img_size is None else (args.img_size[0], args.img_size[-1])
-    if args.checkpoint:
-        model = load_model(args.checkpoint, model_name=args.model and names[0], img_size=size)
-        size = model.img_size
-    else:
-        size = size or (224, 224)
-        model = create_model(names[0], num_classes=args.num_classes, img_size=size)
-    # the int8 images are found before anything is written: a missing folder fails fast
-    sets = _int8_images(args, model) if args.int8 else None
-    out = Path(args.out)
-    stem = f"{model.variant}_{size[0]}x{size[1]}"
-    needs_onnx = (args.int8 or "openvino" in formats) and "onnx" not in formats
-    with contextlib.ExitStack() as stack:
-        onnx_path = out / f"{stem}.onnx"
-        if needs_onnx:  # only the input of the int8 / OpenVINO conversion: written aside, never over an export
-            out.mkdir(parents=True, exist_ok=True)
-            aside = stack.enter_context(tempfile.TemporaryDirectory(dir=out, prefix=".export"))
-            onnx_path = Path(aside) / onnx_path.name
-        for f in (["onnx"] if needs_onnx else []) + [f for f in formats if f != "openvino"]:
-            path = onnx_path if f == "onnx" else out / f"{stem}{FORMATS[f]}"
-            if f == "onnx":
-                diff = export_onnx(model, path, size, opset=args.opset, dynamo=args.dynamo,
-                                   verify=not args.no_verify, atol=args.atol)
-                check = "onnxruntime"
-            else:
-                diff = export_torchscript(model, path, size, verify=not args.no_verify, atol=args.atol)
-                check = "torch.jit.load"
-            note = "not verified" if diff is None else f"verified with {check}: max abs diff {diff:.2e}"
-            shown = f"{path.name} (the conversion's input, not kept)" if needs_onnx and f == "onnx" else path
-            print(f"{f:<12} {shown}  ({note}; dynamic batch, {size[0]}x{size[1]})")
-        int8_path = out / f"{stem}.int8.onnx"
-        if sets is not None:
-            _export_int8(args, model, sets, onnx_path, int8_path)
-        if "openvino" in formats:
-            _export_openvino(args, model, size, onnx_path, out / f"{stem}.xml", int8_path, sets)
+    formats = check_formats([f.strip().lower() for f in args.format.split(",") if f.strip()])
+    model = build_export_model(args.model, args.checkpoint, args.num_classes, args.img_size)
+    export_model(model, args.out, formats=formats, opset=args.opset, dynamo=args.dynamo,
+                 verify=not args.no_verify, atol=args.atol, int8=args.int8, calib=args.calib, data=args.data,
+                 calib_images=args.calib_images, check_images=args.check_images, calib_method=args.calib_method,
+                 int8_ops=args.int8_ops.split(","), min_agreement=args.min_agreement, on_result=print_result)
     return 0
 
 
-def _int8_images(args, model):
-    """Calibration and held-out images (``effvit.fast.calibration.ImageSets``) for ``--int8``."""
-    return image_sets(model, eval_transform(model), folder=args.calib, data_root=args.data,
-                      calibration_images=args.calib_images, held_out_images=args.check_images)
-
-
-def _export_int8(args, model, sets, onnx_path: Path, int8_path: Path) -> None:
-    ops = args.int8_ops.split(",")
-    n, agreement, skipped = export_int8(onnx_path, int8_path, sets, ops=ops, method=args.calib_method,
-                                        min_agreement=args.min_agreement)
-    record = {"int8": int8_path.name, "fp32": onnx_path.name, "input_shape": [model.in_chans, *model.img_size],
-              "ops": ops, "calibration_images": n,
-              "calibration_method": args.calib_method, "source": sets.source, **vars(agreement),
-              "delta": agreement.delta}
-    int8_path.with_suffix(".json").write_text(json.dumps(record, indent=2))
-    if skipped:
-        print(f"skipped {len(skipped)} unreadable image(s), e.g. {skipped[0]}")
-    print(f"{'int8':<12} {int8_path}  (QDQ, per-channel int8 weights, {'+'.join(ops)} in int8; calibrated on "
-          f"{n} images, {args.calib_method}; {sets.source})")
-    print(f"{'':<12} {agreement.summary()}")
-
-
-def _export_openvino(args, model, size, onnx_path: Path, xml: Path, int8_path: Path, sets) -> None:
-    """fp32 IR (parity-checked); with ``--int8`` the int8 IR, and where the CPU has bf16 units the IR
-    run in bf16, both checked against fp32 ONNX Runtime on the held-out images."""
-    diff = export_openvino(onnx_path, xml, None if args.no_verify else model, size, args.atol)
-    note = "not verified" if diff is None else f"verified with OpenVINO f32: max abs diff {diff:.2e}"
-    print(f"{'openvino':<12} {xml}  ({note}; dynamic batch, {size[0]}x{size[1]})")
-    if sets is None:
-        return
-    xml8 = int8_path.with_suffix(".xml")
-    export_openvino(int8_path, xml8)
-    forms = {f"{xml8}  (int8)": openvino_predictor(xml8, 0)}
-    if bf16_unit():
-        forms[f"{xml}  (run in bf16, {bf16_unit()})"] = openvino_predictor(xml, 0, "bf16")
-    held = batches(sets.held_out, sets.held_out_idx, 64, sets.labelled)
-    for name, agreement in compare_predictions(ort_predictor(onnx_path, 0), forms, held).items():
-        print(f"{'openvino':<12} {name} {agreement.summary()}")
+def print_result(result: ExportResult) -> None:
+    for line in result.lines:
+        print(line)
