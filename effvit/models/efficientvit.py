@@ -309,8 +309,8 @@ class SqueezeExcite(nn.Module):
         self.fused = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused:  # GEMMs on the pooled (B, C) vector
-            s = self.fc2(F.relu(self.fc1(x.mean((2, 3))), inplace=True))[:, :, None, None]
+        if self.fused:  # GEMMs on the pooled (B, C) vector, called directly: no module call per GEMM
+            s = self.fc2.tokens(self.fc1.tokens(x.mean((2, 3))).relu_())[:, :, None, None]
         else:
             s = self.fc2(F.relu(self.fc1(x.mean((2, 3), keepdim=True)), inplace=True))
         return x * s.sigmoid()
@@ -496,8 +496,9 @@ class CascadedGroupAttention(nn.Module):
         bias = grid_bias(self.window_bias(), self.window, x)
         # the fused form runs on tokens (B*N, e), except in an ONNX graph, where NCHW convs run fastest
         tokens = self.fused and (torch.jit.is_scripting() or not _onnx_exporting())
+        qkv_stack = self.qkv_stack
         if tokens:  # every head's projection of its own chunk at once, (heads, B*N, e)
-            chunks = torch.baddbmm(self.qkv_bias, _head_tokens(x, self.num_heads), self.qkv_stack).unbind(0)
+            chunks = torch.baddbmm(self.qkv_bias, _head_tokens(x, self.num_heads), qkv_stack).unbind(0)
         else:
             chunks = x.chunk(self.num_heads, dim=1)
         outs = []
@@ -505,7 +506,7 @@ class CascadedGroupAttention(nn.Module):
         for i, (qkv, dw) in enumerate(zip(self.qkvs, self.dws)):
             if tokens:
                 # qkv_i(chunk_i + out_{i-1}) = [W_i chunk_i + b_i] + W_i out_{i-1}: bracket batched above
-                t = chunks[i] if i == 0 else torch.addmm(chunks[i], feat, self.qkv_stack[i])
+                t = chunks[i] if i == 0 else torch.addmm(chunks[i], feat, qkv_stack[i])
                 q = dw(t[:, :kd].reshape(B, H, W, kd).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).reshape(B, N, kd)
                 t = t.view(B, N, 2 * kd + d)
                 attn = torch.baddbmm(bias[i], q, t[:, :, kd:2 * kd].transpose(1, 2)).softmax(dim=-1)
