@@ -496,21 +496,23 @@ class CascadedGroupAttention(nn.Module):
         bias = grid_bias(self.window_bias(), self.window, x)
         # the fused form runs on tokens (B*N, e), except in an ONNX graph, where NCHW convs run fastest
         tokens = self.fused and (torch.jit.is_scripting() or not _onnx_exporting())
-        qkv_stack = self.qkv_stack
         if tokens:  # every head's projection of its own chunk at once, (heads, B*N, e)
+            qkv_stack = self.qkv_stack
             chunks = torch.baddbmm(self.qkv_bias, _head_tokens(x, self.num_heads), qkv_stack).unbind(0)
+            weights, biases = qkv_stack.unbind(0), bias.unbind(0)  # one call each, not one index per head
         else:
             chunks = x.chunk(self.num_heads, dim=1)
+            weights, biases = [], []
         outs = []
         feat = chunks[0]
         for i, (qkv, dw) in enumerate(zip(self.qkvs, self.dws)):
             if tokens:
                 # qkv_i(chunk_i + out_{i-1}) = [W_i chunk_i + b_i] + W_i out_{i-1}: bracket batched above
-                t = chunks[i] if i == 0 else torch.addmm(chunks[i], feat, qkv_stack[i])
-                q = dw(t[:, :kd].reshape(B, H, W, kd).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).reshape(B, N, kd)
-                t = t.view(B, N, 2 * kd + d)
-                attn = torch.baddbmm(bias[i], q, t[:, :, kd:2 * kd].transpose(1, 2)).softmax(dim=-1)
-                feat = torch.bmm(attn, t[:, :, 2 * kd:]).view(B * N, d)
+                t = chunks[i] if i == 0 else torch.addmm(chunks[i], feat, weights[i])
+                q, k, v = t.view(B, N, 2 * kd + d).split_with_sizes([kd, kd, d], dim=2)
+                q = dw(q.view(B, H, W, kd).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).reshape(B, N, kd)
+                attn = torch.baddbmm(biases[i], q, k.transpose(1, 2)).softmax(dim=-1)
+                feat = torch.bmm(attn, v).view(B * N, d)
             else:
                 if i > 0:
                     feat = feat + chunks[i]
