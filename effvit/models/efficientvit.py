@@ -131,9 +131,10 @@ class PointwiseConv(nn.Module):
         return self.tokens(to_tokens(x), res).view(B, H, W, c_out).permute(0, 3, 1, 2)
 
     def tokens(self, t: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        if residual is not None and self.bias is None:
-            return torch.addmm(residual, t, self.weight)
-        y = torch.mm(t, self.weight) if self.bias is None else torch.addmm(self.bias, t, self.weight)
+        weight, bias = self.weight, self.bias  # parameters come through nn.Module.__getattr__: read once
+        if residual is not None and bias is None:
+            return torch.addmm(residual, t, weight)
+        y = torch.mm(t, weight) if bias is None else torch.addmm(bias, t, weight)
         return y if residual is None else y + residual
 
 
