@@ -27,7 +27,8 @@ FORMS = ("eager", "traced", "onnx")
 
 
 # -- worker side -----------------------------------------------------------------------------------
-def _effvit_forward(variant: str, x, form: str, tmp: str):
+def effvit_forward(variant: str, x, form: str, tmp: str):
+    """A zero-argument call of the importable ``effvit``'s model in ``form`` (eager, traced, onnx) on ``x``."""
     import warnings
 
     import torch
@@ -98,7 +99,7 @@ def worker(impl: str) -> None:
         req = json.loads(line)
         if req["op"] == "setup":
             x = torch.randn(req["batch"], 3, 224, 224, generator=torch.Generator().manual_seed(1))
-            make = _timm_forward if impl == "timm" else _effvit_forward
+            make = _timm_forward if impl == "timm" else effvit_forward
             fn = make(req["variant"], x, req["form"], tmp)
             with torch.inference_mode():
                 for _ in range(3):
