@@ -122,7 +122,7 @@ class PointwiseConv(nn.Module):
         if not torch.jit.is_scripting() and _onnx_exporting():  # a Conv node: ONNX Runtime picks its layout
             y = F.conv2d(x, self.weight.t()[:, :, None, None], self.bias)
             return y if residual is None else residual + y
-        if 0 < self.conv_batch <= x.shape[0] and x.device.type == "cpu":
+        if runs_as_conv(self.conv_batch, x):
             y = F.conv2d(x, self.conv_weight, self.bias)
             return y if residual is None else y.add_(residual)
         B, C, H, W = x.shape
@@ -156,6 +156,11 @@ def conv_batch_for_cpu() -> int:
                 if i >= 2:
                     best[form] = min(best[form], time.perf_counter() - start)
     return 16 if best["conv"] < 0.9 * best["gemm"] else 0
+
+
+def runs_as_conv(conv_batch: int, x: torch.Tensor) -> bool:
+    """Whether the fused 1x1 convs of batch ``x`` run as oneDNN convolutions (``PointwiseConv.conv_batch``)."""
+    return 0 < conv_batch <= x.shape[0] and x.device.type == "cpu"
 
 
 def to_tokens(x: torch.Tensor) -> torch.Tensor:
@@ -253,14 +258,12 @@ class ConvMlp(nn.Module):
         self.pw2 = ConvNorm(hidden, dim, bn_weight_init=0.0)
         self.fused = False
         self.skip = False  # set by Residual.fuse: add the input here
-        self.conv_batch = 0  # the fused form's switch to convolutions (PointwiseConv.set_conv_batch)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         if self.skip:
             residual = x
-        if self.fused:
-            as_conv = 0 < self.conv_batch <= x.shape[0] and x.device.type == "cpu"
-            if not as_conv and (torch.jit.is_scripting() or not _onnx_exporting()):
+        if self.fused:  # as convolutions (or in ONNX), the two PointwiseConvs run themselves, below
+            if not runs_as_conv(self.pw1.conv_batch, x) and (torch.jit.is_scripting() or not _onnx_exporting()):
                 # both GEMMs on tokens: one layout change in and one out instead of one per GEMM
                 B, C, H, W = x.shape
                 res = None if residual is None else to_tokens(residual)
@@ -463,7 +466,6 @@ class CascadedGroupAttention(nn.Module):
         self.attention_biases = nn.Parameter(torch.zeros(num_heads, window * window))
         self.register_buffer("attention_bias_idxs", bias_index(window), persistent=False)
         self.attention_bias_cache: dict[str, torch.Tensor] = {}  # timm's name; never filled (get_attention_biases)
-        self.conv_batch = 0  # the fused form's switch to convolutions (PointwiseConv.set_conv_batch)
         # the inference form's derived tensors, filled by fuse()
         self.register_buffer("eval_bias", torch.zeros(0), persistent=False)
         self.register_buffer("qkv_stack", torch.zeros(0), persistent=False)
@@ -526,12 +528,13 @@ class CascadedGroupAttention(nn.Module):
                 feat = (v @ attn.softmax(dim=-1).transpose(-2, -1)).view(B, d, H, W)
             outs.append(feat)
         y = F.relu(torch.cat(outs, dim=1), inplace=True)
-        if tokens and 0 < self.conv_batch <= B and x.device.type == "cpu":
-            return self.proj["1"](y.view(B, H, W, C).permute(0, 3, 1, 2), residual)  # as a conv
-        if tokens:  # the projection on tokens too: one layout change, at the end
-            res = None if residual is None else to_tokens(residual)
-            return self.proj["1"](y, res).view(B, H, W, C).permute(0, 3, 1, 2)
-        return self.proj["1"](y, residual)
+        proj = self.proj["1"]
+        if self.fused and tokens:  # self.fused first: TorchScript compiles this only for a PointwiseConv
+            if runs_as_conv(proj.conv_batch, x):
+                return proj(y.view(B, H, W, C).permute(0, 3, 1, 2), residual)
+            res = None if residual is None else to_tokens(residual)  # on tokens: one layout change, at the end
+            return proj(y, res).view(B, H, W, C).permute(0, 3, 1, 2)
+        return proj(y, residual)
 
     @torch.no_grad()
     def fuse(self) -> "CascadedGroupAttention":
@@ -939,6 +942,4 @@ def fuse(model: nn.Module, conv_batch: int | str = "auto") -> nn.Module:
     for m in fused.modules():
         if isinstance(m, PointwiseConv):
             m.set_conv_batch(batch)
-        elif isinstance(m, (ConvMlp, CascadedGroupAttention)):
-            m.conv_batch = batch
     return fused
