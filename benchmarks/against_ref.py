@@ -42,7 +42,10 @@ def effvit_forward(variant: str, x, form: str, tmp: str):
     torch.manual_seed(0)
     model = randomise_norms(effvit.create_model(variant)).eval()
     if form == "onnx":
-        from effvit.fast.export import export_onnx
+        try:
+            from effvit.deploy.graph import export_onnx
+        except ImportError:  # a revision from before the deployment package was named effvit.deploy
+            from effvit.fast.export import export_onnx
 
         path = os.path.join(tmp, f"{variant}.onnx")
         try:

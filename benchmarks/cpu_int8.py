@@ -18,13 +18,13 @@ from pathlib import Path
 
 import torch
 
-from effvit.bench.deploy import p90
+from effvit.bench.runtimes import p90
 from effvit.bench.timing import alternate, ratio
-from effvit.fast.calibration import batches, image_sets
-from effvit.fast.cpuinfo import bf16_unit, int8_unit
-from effvit.fast.export import export_onnx
-from effvit.fast.openvino_ir import export_openvino, openvino_predictor
-from effvit.fast.quantize import compare_predictions, ort_predictor, quantize_onnx
+from effvit.deploy.calibration import batches, image_sets
+from effvit.deploy.cpuinfo import bf16_unit, int8_unit
+from effvit.deploy.graph import export_onnx
+from effvit.deploy.openvino import export_openvino, openvino_predictor
+from effvit.deploy.quantize import compare_predictions, ort_predictor, quantize_onnx
 from effvit.models import load_model
 from effvit.train.inference import eval_transform
 

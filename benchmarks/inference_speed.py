@@ -31,7 +31,7 @@ from effvit.bench.forms import effvit_forms, export_plain_onnx, onnx_forward, ti
 from effvit.bench.throughput import BenchSettings, report_lines, run_bench, save_bench
 from effvit.bench.timing import alternate, cpu_peak_flops, max_abs_diff, ratio
 from effvit.bench.weights import randomise_norms
-from effvit.fast.export import export_onnx
+from effvit.deploy.graph import export_onnx
 from effvit.models import VARIANTS, create_model, resolve_models
 from effvit.models.complexity import count_macs
 

@@ -16,12 +16,12 @@ from PIL import Image
 from effvit import create_model, save_checkpoint
 from effvit.bench.weights import randomise_norms
 from effvit.cli import main
-from effvit.fast import cpuinfo
-from effvit.fast.calibration import batches, image_sets
-from effvit.fast.deploy import build_export_model, export_model
-from effvit.fast.export import export_onnx
-from effvit.fast.openvino_ir import export_openvino, openvino_predictor, verify_openvino
-from effvit.fast.quantize import compare_predictions, ort_predictor, quantize_onnx
+from effvit.deploy import cpuinfo
+from effvit.deploy.calibration import batches, image_sets
+from effvit.deploy.exports import build_export_model, export_model
+from effvit.deploy.graph import export_onnx
+from effvit.deploy.openvino import export_openvino, openvino_predictor, verify_openvino
+from effvit.deploy.quantize import compare_predictions, ort_predictor, quantize_onnx
 
 SIZE = 64
 FASHION = {"dataset": "fashion_mnist", "mean": [0.286], "std": [0.353], "crop_pct": 1.0,
@@ -136,7 +136,7 @@ def test_cpu_flag_detection(monkeypatch):
     assert cpuinfo.bf16_unit({"avx2", "fma"}) is None and cpuinfo.int8_unit({"avx2"}) == "avx2"
     assert cpuinfo.cpu_flags("no flags here") == set()
     # without the units, bf16 is refused with the reason instead of being emulated
-    monkeypatch.setattr("effvit.fast.openvino_ir.bf16_unit", lambda: None)
+    monkeypatch.setattr("effvit.deploy.openvino.bf16_unit", lambda: None)
     with pytest.raises(ValueError, match="AMX or AVX512-BF16"):
         openvino_predictor("unused.xml", precision="bf16")
 
@@ -262,7 +262,7 @@ def test_image_sets_fashion_mnist_split():
 
 
 def test_ort_peak_ops():
-    from effvit.bench.deploy import ort_peak_ops
+    from effvit.bench.runtimes import ort_peak_ops
 
     assert ort_peak_ops(1, "int8", n=256, seconds=0.05) > 1e8
     assert ort_peak_ops(1, "fp32", n=256, seconds=0.05) > 1e8

@@ -10,7 +10,7 @@ import torch
 from effvit import create_model, fuse
 from effvit.bench.weights import randomise_norms
 from effvit.cli import main
-from effvit.fast.export import export_onnx, export_torchscript, verify_onnx
+from effvit.deploy.graph import export_onnx, export_torchscript, verify_onnx
 
 
 def _model(name: str = "efficientvit_m0", **kw) -> torch.nn.Module:

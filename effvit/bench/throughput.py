@@ -30,14 +30,14 @@ import torch
 from timm.utils import reparameterize_model
 from tqdm import tqdm
 
-from effvit.fast.cpuinfo import bf16_unit, int8_unit
-from effvit.fast.export import export_onnx
+from effvit.deploy.cpuinfo import bf16_unit, int8_unit
+from effvit.deploy.graph import export_onnx
 from effvit.models import VARIANTS, create_model, resolve_models
 from effvit.models.complexity import count_macs, count_params
 from effvit.plots import pyplot, save_figure
 
-from .deploy import bench_deploy, ort_peak_ops
 from .forms import effvit_forms, export_plain_onnx, onnx_forward, timm_forms
+from .runtimes import bench_deploy, ort_peak_ops
 from .timing import Forward, alternate, cpu_peak_flops, max_abs_diff, pick_fastest, ratio
 from .weights import randomise_norms
 

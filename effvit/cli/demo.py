@@ -12,7 +12,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from effvit.bench.deploy import onnx_speed, p90
+from effvit.bench.runtimes import onnx_speed, p90
 from effvit.cli import main as cli_main
 from effvit.train.data import FashionMNIST
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from effvit.fast.deploy import ExportResult, build_export_model, check_formats, export_model
+from effvit.deploy.exports import ExportResult, build_export_model, check_formats, export_model
 
 
 def register(sub: argparse._SubParsersAction) -> None:

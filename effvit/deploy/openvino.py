@@ -2,7 +2,7 @@
 
 OpenVINO's CPU plugin picks bf16 by itself on CPUs with AVX512-BF16 or AMX unless told otherwise, so
 every compiled model here states its precision: ``f32`` for parity checks and fp32 timing, ``bf16``
-only where the CPU has the units (``effvit.fast.cpuinfo.bf16_unit``). An int8 IR comes from the QDQ
+only where the CPU has the units (``effvit.deploy.cpuinfo.bf16_unit``). An int8 IR comes from the QDQ
 ONNX file; OpenVINO turns its quantize/dequantize pairs into FakeQuantize and integer kernels.
 """
 
@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from .cpuinfo import bf16_unit
-from .export import VERIFY_BATCHES, _example, _prepare, _size, _write_verified
+from .graph import VERIFY_BATCHES, _example, _prepare, _size, _write_verified
 
 __all__ = ["PRECISIONS", "export_openvino", "openvino_predictor", "verify_openvino"]
 

@@ -17,8 +17,8 @@ from effvit.train.inference import eval_transform
 
 from .calibration import ImageSets, batches, image_sets
 from .cpuinfo import bf16_unit
-from .export import export_onnx, export_torchscript
-from .openvino_ir import export_openvino, openvino_predictor
+from .graph import export_onnx, export_torchscript
+from .openvino import export_openvino, openvino_predictor
 from .quantize import Agreement, compare_predictions, export_int8, ort_predictor
 
 FORMATS = {"onnx": ".onnx", "torchscript": ".ts.pt", "openvino": ".xml"}

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .calibration import batches
-from .export import _write_verified
+from .graph import _write_verified
 
 # onnx and onnxruntime are optional (the export extra) and heavy: each function imports what it uses
 
@@ -179,7 +179,7 @@ def export_int8(fp32_path: str | Path, out_path: str | Path, sets, ops: Iterable
                 method: str = "minmax", min_agreement: float = 0.99, batch_size: int = 64,
                 ) -> tuple[int, Agreement, list[str]]:
     """Quantize the fp32 ONNX file with the calibration images of ``sets`` (an
-    ``effvit.fast.calibration.ImageSets``) and check the int8 file against the fp32 one on its
+    ``effvit.deploy.calibration.ImageSets``) and check the int8 file against the fp32 one on its
     held-out images. Returns (calibration images, agreement, skipped unreadable files). The int8 file is
     written aside and takes its name only when the check passes: below ``min_agreement`` nothing is left
     (an earlier file at ``out_path`` is kept) and ValueError says by how much it missed."""

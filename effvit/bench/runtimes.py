@@ -21,10 +21,10 @@ import torch
 from timm.utils import reparameterize_model
 from torch import nn
 
-from effvit.fast.cpuinfo import bf16_unit
-from effvit.fast.export import export_onnx
-from effvit.fast.openvino_ir import export_openvino, openvino_predictor
-from effvit.fast.quantize import ort_predictor, quantize_onnx
+from effvit.deploy.cpuinfo import bf16_unit
+from effvit.deploy.graph import export_onnx
+from effvit.deploy.openvino import export_openvino, openvino_predictor
+from effvit.deploy.quantize import ort_predictor, quantize_onnx
 
 from .forms import effvit_forms, export_plain_onnx, timm_forms
 from .timing import Forward, Timing, alternate, max_abs_diff, pick_fastest, time_forward
