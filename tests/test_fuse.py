@@ -17,11 +17,17 @@ from effvit.models.efficientvit import (
     EfficientVitMsra,
     LocalWindowAttention,
     NormLinear,
-    PointwiseConv,
     Residual,
+    SqueezeExcite,
+)
+from effvit.models.fused import (
+    FusedCascadedGroupAttention,
+    FusedConvMlp,
+    FusedLocalWindowAttention,
+    FusedSqueezeExcite,
+    PointwiseConv,
     conv_batch_for_cpu,
     fold_ffn_bias,
-    fuse_children,
     is_fused,
 )
 
@@ -217,7 +223,7 @@ def test_conv_bn_and_bn_linear_folding():
     assert isinstance(gemm, PointwiseConv) and gemm.weight.shape == (8, 16)  # stored (C_in, C_out)
     _close(gemm(x), pw(x))
     r = _x(2, 16, 10, 10, seed=5)
-    _close(gemm(x, residual=r), pw(x, residual=r))
+    _close(gemm(x, residual=r), r + pw(x))
     nl = _randomised(NormLinear(16, 5))
     v = _x(4, 16)
     lin = nl.fuse()
@@ -244,7 +250,7 @@ def test_ffn_bias_moves_into_the_depthwise_conv():
     x = _x(2, 16, 6, 6)
     ref = Residual(ffn)(Residual(dw)(x))
     fdw, fffn = Residual(dw).fuse(), Residual(ffn).fuse()
-    assert isinstance(fffn, ConvMlp) and fffn.skip  # the FFN takes its skip connection itself
+    assert isinstance(fffn, FusedConvMlp) and fffn.skip  # the FFN takes its skip connection itself
     fold_ffn_bias(fdw, fffn)
     assert fffn.pw2.bias is None  # the last GEMM accumulates the skip connection, no bias pass
     _close(fffn(fdw(x.contiguous(memory_format=torch.channels_last))), ref)
@@ -259,11 +265,13 @@ def test_grouped_cascade_attention(heads, kernels):
     bias = cga.window_bias().clone()
     dw_ref = [dw.conv.weight.clone() for dw in cga.dws]
     fused = cga.fuse()
-    assert fused.fused and torch.equal(fused.eval_bias, bias)  # the bias a buffer, gathered once
+    assert isinstance(fused, FusedCascadedGroupAttention) and torch.equal(fused.eval_bias, bias)  # gathered once
     assert fused.qkv_stack.shape == (heads, 48 // heads, 2 * 16 + 48 // heads)  # (heads, d, e) chunk GEMM
     assert all(dw.weight.abs().sum() < w.abs().sum() for dw, w in zip(fused.dws, dw_ref))  # scale in q
     _close(fused(x), ref)
-    assert fused.fuse() is fused
+    assert torch.equal(cga.window_bias(), bias) and isinstance(cga.qkvs[0], ConvNorm)  # the source untouched
+    folded = [k.removesuffix(".conv.weight") for k in cga.state_dict() if k.endswith(".conv.weight")]
+    assert set(fused.state_dict()) == {"attention_biases"} | {f"{p}.{t}" for p in folded for t in ("weight", "bias")}
 
 
 @torch.no_grad()
@@ -274,8 +282,22 @@ def test_window_attention_paths(hw):
     assert isinstance(mixer.m, LocalWindowAttention)
     x = _x(2, 64, *hw).contiguous(memory_format=torch.channels_last)
     ref = mixer(x)
-    fuse_children(mixer)
-    _close(mixer(x), ref)
+    fused = mixer.fuse()
+    assert isinstance(fused, FusedLocalWindowAttention) and fused.skip  # the attention adds its own input
+    _close(fused(x), ref)
+    alone = mixer.m.fuse()  # folded without its residual: the attention alone
+    _close(alone(x), ref - x)
+    with pytest.raises(ValueError, match="set_input_size on the model before"):
+        fused.set_resolution(4)
+
+
+@torch.no_grad()
+def test_squeeze_excite_gemms():
+    se = _randomised(SqueezeExcite(32))
+    x = _x(2, 32, 5, 5)
+    fused = se.fuse()
+    assert isinstance(fused, FusedSqueezeExcite) and isinstance(fused.fc1, PointwiseConv)
+    _close(fused(x), se(x))
 
 
 # -- graph capture ------------------------------------------------------------------------------------

@@ -142,7 +142,7 @@ def test_fx_feature_extraction_equals_the_stage_outputs():
 @torch.no_grad()
 def test_checkpoint_filter_fn_and_set_input_size_as_timm_uses_them():
     """timm's pretrained load at another size goes through the module's checkpoint_filter_fn."""
-    from effvit.models.efficientvit import checkpoint_filter_fn
+    from effvit.models.weights import checkpoint_filter_fn
 
     torch.manual_seed(0)
     model = randomize(effvit.create_model("efficientvit_m0", num_classes=5)).eval()

@@ -12,7 +12,7 @@ from conftest import randomize
 from safetensors.torch import save_file
 
 import effvit
-from effvit.models.efficientvit import bias_index
+from effvit.models.attention import bias_index
 from effvit.models.weights import (
     detect_variant,
     download,

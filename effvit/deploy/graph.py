@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from effvit.models.efficientvit import EfficientVitMsra, fuse, is_fused
+from effvit.models.efficientvit import EfficientVitMsra, fuse
+from effvit.models.fused import is_fused
 
 __all__ = ["export_onnx", "export_torchscript", "verify_onnx", "verify_torchscript", "MIN_OPSET"]
 

@@ -4,21 +4,9 @@ One family per file, timm style: building blocks, the network, then the variant 
 buffer names follow timm's port (``timm.models.efficientvit_msra``) so state dicts move both ways
 unchanged; the official layout is converted in ``effvit.models.weights``.
 
-One network, two forms. ``fuse(model)`` turns a trained model into its inference form by folding each
-module in place of itself, bottom-up, on a copy: every module that folds says how in its ``fuse()``,
-next to its forward. The forward code is the same for both forms; the folded modules differ:
-
-- Conv+BN -> one conv with bias (``ConvNorm.fuse``), a 1x1 one computed as a GEMM (``PointwiseConv``);
-  BN+Linear -> one linear (``NormLinear.fuse``); the two distillation heads -> their mean.
-- ``x + DW(x)`` -> one depthwise conv with +1 on its centre tap (``Residual.fuse``).
-- The FFN's output bias moves into the preceding depthwise conv (``fold_ffn_bias``), so the FFN's last
-  GEMM takes the skip connection as its accumulator.
-- The attention scale (16^-0.5 = 0.25, a power of two: exact) folds into q's depthwise conv and the
-  relative-position bias is gathered once into a buffer (``CascadedGroupAttention.fuse``).
-- Memory turns channels-last: a 1x1 conv is then a plain GEMM over (B*H*W, C) tokens, the windows and
-  the heads' q/k/v are views, and the spatial convs run in their fast layout.
-- On a CPU whose oneDNN convolution outruns its BLAS GEMM at large batches (``conv_batch_for_cpu``),
-  the 1x1 convs of a batch that large run as oneDNN convolutions on the same channels-last memory.
+Each module here has one path, for training and evaluation. ``fuse(model)`` turns a trained model into its
+inference form, on a copy: every module that folds says how in its ``fuse()``, next to its forward, and
+returns the folded module of ``effvit.models.fused`` (or a plain conv / linear), bottom-up.
 
 Differences from the official code and timm, all output-preserving where those work:
 - the eval-mode attention bias is gathered from the live table on every call, so it never goes stale;
@@ -28,9 +16,7 @@ Differences from the official code and timm, all output-preserving where those w
 """
 
 import copy
-import functools
 import math
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -44,6 +30,16 @@ from torch import nn
 from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 from torch.utils.checkpoint import checkpoint
 
+from .attention import HeadCascade, bias_index, grid_bias, resize_bias_table, window_partition, window_reverse
+from .fused import (
+    FusedCascadedGroupAttention,
+    FusedConvMlp,
+    FusedLocalWindowAttention,
+    FusedSqueezeExcite,
+    PointwiseConv,
+    conv_batch_for_cpu,
+    fold_ffn_bias,
+)
 from .token_merging import TokenMerge, block_keeps
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -53,6 +49,11 @@ KEY_DIM = 16
 WINDOW = 7
 
 
+# kept whole by torch.fx's symbolic tracing (they branch on shapes)
+torch.fx.wrap("grid_bias")
+torch.fx.wrap("window_partition")
+torch.fx.wrap("window_reverse")
+
 def _pair(v: int | tuple[int, int]) -> tuple[int, int]:
     return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
 
@@ -60,12 +61,6 @@ def _pair(v: int | tuple[int, int]) -> tuple[int, int]:
 def _make_divisible(v: float, divisor: int = 8) -> int:
     out = max(divisor, int(v + divisor / 2) // divisor * divisor)
     return out + divisor if out < 0.9 * v else out
-
-
-@torch.jit.unused
-def _onnx_exporting() -> bool:
-    # both ONNX exporters trace or compile: the cheap test first, is_in_onnx_export costs imports per call
-    return (torch.jit.is_tracing() or torch.compiler.is_compiling()) and torch.onnx.is_in_onnx_export()
 
 
 @torch.jit.unused
@@ -94,81 +89,6 @@ def fuse_children(module: nn.Module) -> None:
             fuse_children(child)
 
 
-class PointwiseConv(nn.Module):
-    """A 1x1 conv in its inference form: one GEMM over the tokens of channels-last memory,
-    ``(B*H*W, C_in) @ W^T + b``. The weight is stored transposed, (C_in, C_out): the GEMM's right operand
-    as MKL reads it fastest (a transposed view costs twice the time on small maps). A ``residual`` is
-    added to the output; without a bias it is the GEMM's accumulator (no extra pass)."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
-        super().__init__()
-        self.weight = nn.Parameter(weight.flatten(1).t().contiguous(), requires_grad=False)  # (C_in, C_out)
-        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
-        self.conv_batch = 0  # from this batch on a oneDNN conv instead of the GEMM; 0: never (set_conv_batch)
-        self.register_buffer("conv_weight", torch.zeros(0), persistent=False)  # (C_out, C_in, 1, 1)
-
-    @torch.no_grad()
-    def set_conv_batch(self, batch: int) -> None:
-        """Run batches of ``batch`` images or more as a convolution (0: never); the conv's weight layout
-        is kept beside the GEMM's only when it is used."""
-        self.conv_batch = batch
-        self.conv_weight = self.weight.t()[:, :, None, None].contiguous() if batch else self.weight.new_zeros(0)
-
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, C, H, W) in channels-last memory, or already tokens (B*H*W, C) (then so are the residual
-        and the output: a chain of GEMMs stays in tokens)."""
-        if x.dim() == 2:
-            return self.tokens(x, residual)
-        if not torch.jit.is_scripting() and _onnx_exporting():  # a Conv node: ONNX Runtime picks its layout
-            y = F.conv2d(x, self.weight.t()[:, :, None, None], self.bias)
-            return y if residual is None else residual + y
-        if runs_as_conv(self.conv_batch, x):
-            y = F.conv2d(x, self.conv_weight, self.bias)
-            return y if residual is None else y.add_(residual)
-        B, C, H, W = x.shape
-        c_out = self.weight.shape[1]  # explicit sizes: an empty batch has no -1 to infer
-        res = None if residual is None else to_tokens(residual)
-        return self.tokens(to_tokens(x), res).view(B, H, W, c_out).permute(0, 3, 1, 2)
-
-    def tokens(self, t: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        weight, bias = self.weight, self.bias  # parameters come through nn.Module.__getattr__: read once
-        if residual is not None and bias is None:
-            return torch.addmm(residual, t, weight)
-        y = torch.mm(t, weight) if bias is None else torch.addmm(bias, t, weight)
-        return y if residual is None else y + residual
-
-
-@functools.cache
-def conv_batch_for_cpu() -> int:
-    """16 where a 1x1 convolution of 16 channels-last images runs at least 10% faster as oneDNN's
-    convolution than as the BLAS GEMM over its tokens, else 0. Measured once per process: on AVX-512 CPUs
-    whose MKL takes a slower code path the convolution is about twice as fast; below a batch of about 16
-    oneDNN picks a kernel no faster than the GEMM."""
-    x = torch.randn(16, 128, 14, 14).contiguous(memory_format=torch.channels_last)
-    w = torch.randn(256, 128, 1, 1)
-    tokens, w_gemm = to_tokens(x), w.flatten(1).t().contiguous()
-    best = {"conv": math.inf, "gemm": math.inf}
-    with torch.inference_mode():
-        for i in range(7):  # alternating; the first two rounds warm up (oneDNN builds its kernel)
-            for form, run in (("conv", lambda: F.conv2d(x, w)), ("gemm", lambda: torch.mm(tokens, w_gemm))):
-                start = time.perf_counter()
-                run()
-                if i >= 2:
-                    best[form] = min(best[form], time.perf_counter() - start)
-    return 16 if best["conv"] < 0.9 * best["gemm"] else 0
-
-
-def runs_as_conv(conv_batch: int, x: torch.Tensor) -> bool:
-    """Whether the fused 1x1 convs of batch ``x`` run as oneDNN convolutions (``PointwiseConv.conv_batch``)."""
-    return 0 < conv_batch <= x.shape[0] and x.device.type == "cpu"
-
-
-def to_tokens(x: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) -> (B*H*W, C): a view when ``x`` is in channels-last memory."""
-    B, C, H, W = x.shape
-    return x.permute(0, 2, 3, 1).reshape(B * H * W, C)
-
-
 class ConvNorm(nn.Sequential):
     """Conv without bias followed by BatchNorm: one conv with bias once fused."""
 
@@ -180,12 +100,19 @@ class ConvNorm(nn.Sequential):
         nn.init.constant_(self.bn.weight, bn_weight_init)
         nn.init.zeros_(self.bn.bias)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        y = self.bn(self.conv(x))
-        return y if residual is None else residual + y
+    def takes_skip(self) -> bool:
+        """Whether ``x + self(x)`` folds into the conv: a stride-1 depthwise conv whose padding keeps
+        the output aligned with the input absorbs the identity as +1 on its centre tap (exact whatever
+        the zero padding)."""
+        c = self.conv
+        return (c.groups == c.in_channels == c.out_channels and c.stride == (1, 1)
+                and c.padding == (c.kernel_size[0] // 2, c.kernel_size[1] // 2))
 
     @torch.no_grad()
-    def fuse(self) -> nn.Conv2d:
+    def fuse(self, skip: bool = False) -> nn.Module:
+        """One conv with bias (a ``PointwiseConv`` GEMM for a 1x1); with ``skip``, ``x + self(x)``."""
+        if skip and not self.takes_skip():
+            raise ValueError("only a stride-1 depthwise conv with centred padding absorbs its skip connection")
         c = self.conv
         scale, shift = bn_affine(self.bn)
         weight = c.weight.double() * scale[:, None, None, None]
@@ -195,6 +122,8 @@ class ConvNorm(nn.Sequential):
                         bias=True, device=c.weight.device, dtype=c.weight.dtype)
         out.weight.copy_(weight)
         out.bias.copy_(shift)
+        if skip:
+            out.weight[:, 0, c.kernel_size[0] // 2, c.kernel_size[1] // 2] += 1.0
         return out
 
 
@@ -221,77 +150,39 @@ class NormLinear(nn.Sequential):
 
 
 class Residual(nn.Module):
-    """``x + m(x)``; ``m`` takes the skip connection as ``residual`` so a fused GEMM can accumulate it."""
+    """``x + m(x)``."""
 
     def __init__(self, m: nn.Module):
         super().__init__()
         self.m = m
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.m(x, residual=x)
+        return x + self.m(x)
 
     @torch.no_grad()
     def fuse(self) -> nn.Module:
-        """A stride-1 depthwise conv absorbs the identity as +1 on its centre tap (exact whatever the
-        zero padding, which keeps the output aligned with the input); a module with a ``skip`` switch
-        (the FFN, the window attention) adds its own input, which saves a call per block."""
-        fuse_children(self)
+        """The skip connection folds into the module: a depthwise conv's centre tap, or the FFN and the
+        window attention adding their own input (which saves a call and an add per block)."""
         m = self.m
-        if (isinstance(m, nn.Conv2d) and m.groups == m.in_channels == m.out_channels and m.stride == (1, 1)
-                and m.padding == (m.kernel_size[0] // 2, m.kernel_size[1] // 2)):
-            m.weight[:, 0, m.kernel_size[0] // 2, m.kernel_size[1] // 2] += 1.0
-            return m
-        if hasattr(m, "skip"):
-            m.skip = True
-            return m
+        if isinstance(m, (ConvMlp, LocalWindowAttention)) or (isinstance(m, ConvNorm) and m.takes_skip()):
+            return m.fuse(skip=True)
+        fuse_children(self)
         return self
 
 
 class ConvMlp(nn.Module):
     """The FFN: 1x1 expand, ReLU, 1x1 project (zero-gamma, so a fresh block is the identity)."""
 
-    __constants__ = ["fused", "skip"]  # TorchScript compiles only the branch of the form at hand
-
     def __init__(self, dim: int, hidden: int):
         super().__init__()
         self.pw1 = ConvNorm(dim, hidden)
         self.pw2 = ConvNorm(hidden, dim, bn_weight_init=0.0)
-        self.fused = False
-        self.skip = False  # set by Residual.fuse: add the input here
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        if self.skip:
-            residual = x
-        if self.fused:  # as convolutions (or in ONNX), the two PointwiseConvs run themselves, below
-            if not runs_as_conv(self.pw1.conv_batch, x) and (torch.jit.is_scripting() or not _onnx_exporting()):
-                # both GEMMs on tokens: one layout change in and one out instead of one per GEMM
-                B, C, H, W = x.shape
-                res = None if residual is None else to_tokens(residual)
-                y = self.pw2.tokens(self.pw1.tokens(to_tokens(x)).relu_(), res)
-                return y.view(B, H, W, C).permute(0, 3, 1, 2)
-        return self.pw2(F.relu(self.pw1(x), inplace=True), residual)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pw2(F.relu(self.pw1(x), inplace=True))
 
-    def fuse(self) -> "ConvMlp":
-        fuse_children(self)
-        self.fused = True
-        return self
-
-
-@torch.no_grad()
-def fold_ffn_bias(dw: nn.Module, ffn: nn.Module) -> None:
-    """Move a fused residual FFN's output bias b2 into the depthwise conv before it (both fused; the FFN
-    takes its own skip connection), in place.
-
-    ``x' = dw(x) + b2`` and ``pw1.bias -= W1 b2`` leave ``x' + W2 relu(W1 x' + b1') `` equal to the
-    original; the FFN's last GEMM then has no bias and accumulates the skip connection directly.
-    """
-    if not (isinstance(dw, nn.Conv2d) and isinstance(ffn, ConvMlp) and ffn.skip and isinstance(ffn.pw1, PointwiseConv)
-            and isinstance(ffn.pw2, PointwiseConv) and dw.bias is not None and ffn.pw2.bias is not None):
-        return
-    b2 = ffn.pw2.bias.double()
-    dw.bias.add_(b2.to(dw.bias.dtype))
-    ffn.pw1.bias.sub_((b2 @ ffn.pw1.weight.double()).to(ffn.pw1.bias.dtype))
-    ffn.pw2.bias = None
+    def fuse(self, skip: bool = False) -> FusedConvMlp:
+        return FusedConvMlp(self.pw1.fuse(), self.pw2.fuse(), skip)
 
 
 def _residual_dw(dim: int) -> Residual:
@@ -303,31 +194,20 @@ def _residual_ffn(dim: int) -> Residual:
 
 
 class SqueezeExcite(nn.Module):
-    __constants__ = ["fused"]
-
     def __init__(self, dim: int, ratio: float = 0.25):
         super().__init__()
         hidden = _make_divisible(dim * ratio, 8)
         self.fc1 = nn.Conv2d(dim, hidden, 1)
         self.fc2 = nn.Conv2d(hidden, dim, 1)
-        self.fused = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused:  # GEMMs on the pooled (B, C) vector, called directly: no module call per GEMM
-            s = self.fc2.tokens(self.fc1.tokens(x.mean((2, 3))).relu_())[:, :, None, None]
-        else:
-            s = self.fc2(F.relu(self.fc1(x.mean((2, 3), keepdim=True)), inplace=True))
+        s = self.fc2(F.relu(self.fc1(x.mean((2, 3), keepdim=True)), inplace=True))
         return x * s.sigmoid()
 
     @torch.no_grad()
-    def fuse(self) -> "SqueezeExcite":
-        """The two 1x1 convs on the pooled vector become GEMMs (also in ONNX: a Gemm, no layout
-        reorder around a 1x1 map)."""
-        if not self.fused:
-            self.fc1 = PointwiseConv(self.fc1.weight, self.fc1.bias)
-            self.fc2 = PointwiseConv(self.fc2.weight, self.fc2.bias)
-            self.fused = True
-        return self
+    def fuse(self) -> FusedSqueezeExcite:
+        return FusedSqueezeExcite(PointwiseConv(self.fc1.weight, self.fc1.bias),
+                                  PointwiseConv(self.fc2.weight, self.fc2.bias))
 
 
 class PatchMerging(nn.Module):
@@ -366,83 +246,9 @@ def check_input(x: torch.Tensor, in_chans: int, dtype: torch.dtype) -> torch.Ten
     return x
 
 
-def bias_index(window: int, height: int | None = None, width: int | None = None) -> torch.Tensor:
-    """(N, N) index into a LeViT bias table of ``window**2`` offsets, for an height x width token grid.
-
-    Offsets are absolute (|dy|, |dx|) and indexed ``|dy| * window + |dx|``: the same order as the
-    official code's first-appearance enumeration, so tables are interchangeable.
-    """
-    height = window if height is None else height
-    width = window if width is None else width
-    ys, xs = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
-    pos = torch.stack((ys.flatten(), xs.flatten()))  # 2, N
-    rel = (pos[:, :, None] - pos[:, None, :]).abs()
-    return rel[0] * window + rel[1]
-
-
-def resize_bias_table(table: torch.Tensor, window: int) -> torch.Tensor:
-    """Bicubic resize of a (heads, r*r) relative-position table to (heads, window*window)."""
-    heads, n = table.shape
-    r = int(round(n ** 0.5))
-    if r * r != n:
-        raise ValueError(f"bias table of {n} entries is not square")
-    if r == window:
-        return table
-    grid = table.detach().float().reshape(1, heads, r, r)
-    out = F.interpolate(grid, size=(window, window), mode="bicubic", align_corners=False)
-    return out.reshape(heads, window * window).to(table.dtype)
-
-
-# Shape-dependent steps are plain functions kept whole by torch.fx (symbolic tracing cannot branch on
-# a traced shape), so the model traces for feature extraction as it is.
-def grid_bias(bias: torch.Tensor, window: int, x: torch.Tensor) -> torch.Tensor:
-    """The (heads, N, N) window bias restricted to the tokens of ``x``'s grid: the whole of it for a
-    full window, the sub-grid of offsets for a map smaller than the window."""
-    height, width = x.shape[-2], x.shape[-1]
-    if height == window and width == window:
-        return bias
-    heads = bias.shape[0]
-    sub = bias.view(heads, window, window, window, window)[:, :height, :width, :height, :width]
-    return sub.reshape(heads, height * width, height * width)
-
-
-def window_partition(x: torch.Tensor, window: int) -> torch.Tensor:
-    """(B, C, H, W) -> (B * nh * nw, C, window, window), padding bottom/right with zeros; a map that
-    fits one window is returned as it is. Windows are cut in (B, H, W, C) order: they reach the
-    attention with channels-last strides, as timm's do, so train-mode BN statistics reduce alike."""
-    B, C, H, W = x.shape
-    if H <= window and W <= window:
-        return x
-    pad_b, pad_r = (window - H % window) % window, (window - W % window) % window
-    t = x.permute(0, 2, 3, 1)
-    if pad_b or pad_r:
-        t = F.pad(t, (0, 0, 0, pad_r, 0, pad_b))
-    nh, nw = (H + pad_b) // window, (W + pad_r) // window
-    t = t.reshape(B, nh, window, nw, window, C).transpose(2, 3).reshape(B * nh * nw, window, window, C)
-    return t.permute(0, 3, 1, 2)
-
-
-def window_reverse(y: torch.Tensor, x: torch.Tensor, window: int) -> torch.Tensor:
-    """Inverse of ``window_partition(x, window)`` for the attention output ``y``, cropped to x's map."""
-    B, C, H, W = x.shape
-    if H <= window and W <= window:
-        return y
-    nh, nw = (H + window - 1) // window, (W + window - 1) // window  # ONNX's Div truncates: no -(-H // w)
-    t = y.permute(0, 2, 3, 1).reshape(B, nh, nw, window, window, C).transpose(2, 3)
-    t = t.reshape(B, nh * window, nw * window, C)[:, :H, :W]
-    return t.permute(0, 3, 1, 2)
-
-
-torch.fx.wrap("grid_bias")
-torch.fx.wrap("window_partition")
-torch.fx.wrap("window_reverse")
-
-
-class CascadedGroupAttention(nn.Module):
+class CascadedGroupAttention(HeadCascade):
     """Attention over one window with heads fed different channel chunks, each head adding the
     previous head's output to its input (the cascade); q gets a depthwise conv per head."""
-
-    __constants__ = ["fused"]  # TorchScript compiles only the branch of the form at hand
 
     def __init__(self, dim: int, num_heads: int, window: int, kernels: tuple[int, ...],
                  key_dim: int = KEY_DIM):
@@ -456,7 +262,6 @@ class CascadedGroupAttention(nn.Module):
         self.val_dim = dim // num_heads
         self.window = window
         self.scale = key_dim ** -0.5
-        self.fused = False
         self.qkvs = nn.ModuleList(
             ConvNorm(self.val_dim, 2 * key_dim + self.val_dim) for _ in range(num_heads))
         self.dws = nn.ModuleList(
@@ -466,10 +271,6 @@ class CascadedGroupAttention(nn.Module):
         self.attention_biases = nn.Parameter(torch.zeros(num_heads, window * window))
         self.register_buffer("attention_bias_idxs", bias_index(window), persistent=False)
         self.attention_bias_cache: dict[str, torch.Tensor] = {}  # timm's name; never filled (get_attention_biases)
-        # the inference form's derived tensors, filled by fuse()
-        self.register_buffer("eval_bias", torch.zeros(0), persistent=False)
-        self.register_buffer("qkv_stack", torch.zeros(0), persistent=False)
-        self.register_buffer("qkv_bias", torch.zeros(0), persistent=False)
 
     def set_window(self, window: int) -> None:
         """Rebuild for another window size, resizing the bias table (bicubic) when it changes."""
@@ -489,84 +290,29 @@ class CascadedGroupAttention(nn.Module):
 
     def window_bias(self) -> torch.Tensor:
         """(heads, r*r, r*r) bias of a full window, gathered from the live table (never stale)."""
-        if self.fused:
-            return self.eval_bias
         return self.attention_biases[:, self.attention_bias_idxs]
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        B, C, H, W = x.shape
-        kd, d, N = self.key_dim, self.val_dim, H * W
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = grid_bias(self.window_bias(), self.window, x)
-        # the fused form runs on tokens (B*N, e), except in an ONNX graph, where NCHW convs run fastest
-        tokens = self.fused and (torch.jit.is_scripting() or not _onnx_exporting())
-        if tokens:  # every head's projection of its own chunk at once, (heads, B*N, e)
-            qkv_stack = self.qkv_stack
-            chunks = torch.baddbmm(self.qkv_bias, _head_tokens(x, self.num_heads), qkv_stack).unbind(0)
-            weights, biases = qkv_stack.unbind(0), bias.unbind(0)  # one call each, not one index per head
-        else:
-            chunks = x.chunk(self.num_heads, dim=1)
-            weights, biases = [], []
-        outs = []
-        feat = chunks[0]
-        for i, (qkv, dw) in enumerate(zip(self.qkvs, self.dws)):
-            if tokens:
-                # qkv_i(chunk_i + out_{i-1}) = [W_i chunk_i + b_i] + W_i out_{i-1}: bracket batched above
-                t = chunks[i] if i == 0 else torch.addmm(chunks[i], feat, weights[i])
-                q, k, v = t.view(B, N, 2 * kd + d).split_with_sizes([kd, kd, d], dim=2)
-                q = dw(q.view(B, H, W, kd).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).reshape(B, N, kd)
-                attn = torch.baddbmm(biases[i], q, k.transpose(1, 2)).softmax(dim=-1)
-                feat = torch.bmm(attn, v).view(B * N, d)
-            else:
-                if i > 0:
-                    feat = feat + chunks[i]
-                q, k, v = qkv(feat).split([kd, kd, d], dim=1)
-                q, k, v = dw(q).flatten(2), k.flatten(2), v.flatten(2)  # (B, kd | d, N)
-                attn = q.transpose(-2, -1) @ k
-                if not self.fused:  # fused: the scale is inside q's depthwise conv
-                    attn = attn * self.scale
-                attn = attn + bias[i]
-                feat = (v @ attn.softmax(dim=-1).transpose(-2, -1)).view(B, d, H, W)
-            outs.append(feat)
-        y = F.relu(torch.cat(outs, dim=1), inplace=True)
-        proj = self.proj["1"]
-        if self.fused and tokens:  # self.fused first: TorchScript compiles this only for a PointwiseConv
-            if runs_as_conv(proj.conv_batch, x):
-                return proj(y.view(B, H, W, C).permute(0, 3, 1, 2), residual)
-            res = None if residual is None else to_tokens(residual)  # on tokens: one layout change, at the end
-            return proj(y, res).view(B, H, W, C).permute(0, 3, 1, 2)
-        return proj(y, residual)
+        return self.proj["1"](self.cascade(x, bias, self.scale))
 
     @torch.no_grad()
-    def fuse(self) -> "CascadedGroupAttention":
-        """Scale into q's depthwise convs; the window bias into a buffer; the heads' qkv weights
-        stacked (heads, d, e) for the batched chunk GEMM (each head's own serves its cascade term)."""
-        if self.fused:
-            return self
-        fuse_children(self)
+    def fuse(self) -> FusedCascadedGroupAttention:
+        """BN into every conv, the scale into q's depthwise convs (0.25: a power of two, so exact), the
+        window bias gathered into a buffer."""
+        dws = []
         for dw in self.dws:
-            dw.weight.mul_(self.scale)  # 0.25: a power of two, so exact
-            dw.bias.mul_(self.scale)
-        self.eval_bias = self.window_bias().detach().clone()
-        self.qkv_stack = torch.stack([qkv.weight for qkv in self.qkvs])
-        self.qkv_bias = torch.stack([qkv.bias[None] for qkv in self.qkvs])
-        self.fused = True
-        return self
-
-
-def _head_tokens(x: torch.Tensor, heads: int) -> torch.Tensor:
-    """(heads, B*H*W, C/heads) token view of channels-last ``x``, each head's chunk a batch entry. The
-    batch stride (C/heads) is smaller than the rows' stride (C); off the CPU the chunks are made dense,
-    since BLAS libraries treat such interleaved batches unevenly."""
-    B, C, H, W = x.shape
-    t = x.permute(0, 2, 3, 1).reshape(B * H * W, heads, C // heads).transpose(0, 1)
-    return t if x.device.type == "cpu" else t.contiguous()
+            conv = dw.fuse()
+            conv.weight.mul_(self.scale)
+            conv.bias.mul_(self.scale)
+            dws.append(conv)
+        return FusedCascadedGroupAttention([qkv.fuse() for qkv in self.qkvs], dws, self.proj["1"].fuse(),
+                                           self.attention_biases, self.window_bias(), self.window, self.key_dim)
 
 
 class LocalWindowAttention(nn.Module):
     """Cascaded group attention in non-overlapping windows. Maps larger than the window are padded
     bottom/right with zeros (padded tokens are not masked, as in the paper) and partitioned."""
-
-    __constants__ = ["skip"]
 
     def __init__(self, dim: int, num_heads: int, resolution: int, kernels: tuple[int, ...],
                  window: int = WINDOW):
@@ -574,20 +320,19 @@ class LocalWindowAttention(nn.Module):
         self.window_size = window
         self.window = min(window, resolution)
         self.attn = CascadedGroupAttention(dim, num_heads, self.window, kernels)
-        self.skip = False  # set by Residual.fuse: add the input here
 
     def set_resolution(self, resolution: int) -> None:
         self.window = min(self.window_size, resolution)
         self.attn.set_window(self.window)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        if self.skip:
-            residual = x
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         windows = window_partition(x, self.window)
-        if windows is x:  # one window: the output projection takes the skip connection itself
-            return self.attn(x, residual)
-        y = window_reverse(self.attn(windows), x, self.window)
-        return y if residual is None else residual + y
+        if windows is x:
+            return self.attn(x)
+        return window_reverse(self.attn(windows), x, self.window)
+
+    def fuse(self, skip: bool = False) -> FusedLocalWindowAttention:
+        return FusedLocalWindowAttention(self.attn.fuse(), self.window_size, skip)
 
 
 class EfficientVitBlock(nn.Module):
@@ -899,21 +644,6 @@ class EfficientVitMsra(nn.Module):
             self.head.bias.copy_((self.head.bias.double() + self.head_dist.bias.double()) / 2)
             self.head_dist = None
         return self
-
-
-@torch.no_grad()
-def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    """timm's hook for loading a checkpoint into ``model``: official or timm layout, bias tables resized
-    to the model's windows, the head left out if the model has none."""
-    from .weights import fit_state_dict, is_official_layout, official_to_timm  # cycle: weights imports efficientvit
-
-    sd = official_to_timm(state_dict) if is_official_layout(state_dict) else dict(state_dict)
-    return fit_state_dict(model, sd, strict_head=False)
-
-
-def is_fused(model: nn.Module) -> bool:
-    """Whether ``model`` is (or holds) an inference form made by ``fuse``."""
-    return any(isinstance(m, PointwiseConv) for m in model.modules())
 
 
 def fuse(model: nn.Module, conv_batch: int | str = "auto") -> nn.Module:

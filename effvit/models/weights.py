@@ -25,7 +25,9 @@ from timm.models import adapt_input_conv
 from torch import nn
 from tqdm.auto import tqdm
 
-from .efficientvit import VARIANTS, is_fused, resize_bias_table
+from .attention import resize_bias_table
+from .efficientvit import VARIANTS
+from .fused import is_fused
 
 FORMAT_TAG = "effvit-checkpoint-v1"
 
@@ -318,6 +320,14 @@ def fit_state_dict(model: nn.Module, sd: Mapping[str, torch.Tensor], strict_head
                  f"{len(wrong)} shape mismatches: {wrong[:6]}"]
         raise ValueError(f"{hint}{source} does not fit the model:\n  " + "\n  ".join(lines))
     return sd
+
+
+@torch.no_grad()
+def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """timm's hook for loading a checkpoint into ``model``: official or timm layout, bias tables resized
+    to the model's windows, the head left out if the model has none."""
+    sd = official_to_timm(state_dict) if is_official_layout(state_dict) else dict(state_dict)
+    return fit_state_dict(model, sd, strict_head=False)
 
 
 def load_checkpoint(model: nn.Module, source: str | Path, sha256: str | None = None,
