@@ -7,8 +7,8 @@ from conftest import randomize
 
 import effvit
 from effvit.models import VARIANTS
-from effvit.models.complexity import count_macs, count_params
 from effvit.models.attention import bias_index
+from effvit.models.complexity import count_macs, count_params
 
 MODELS = effvit.list_models()
 

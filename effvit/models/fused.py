@@ -180,8 +180,8 @@ class FusedSqueezeExcite(nn.Module):
         self.fc2 = fc2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s = self.fc2.tokens(self.fc1.tokens(x.mean((2, 3))).relu_())
-        return x * s.sigmoid()[:, :, None, None]
+        s = self.fc2.tokens(self.fc1.tokens(x.mean((2, 3))).relu_())[:, :, None, None]
+        return x * s.sigmoid()
 
 
 class FusedCascadedGroupAttention(HeadCascade):
@@ -210,12 +210,12 @@ class FusedCascadedGroupAttention(HeadCascade):
         return self.eval_bias
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        B, C, H, W = x.shape
-        kd, d, N = self.key_dim, self.val_dim, H * W
         bias = grid_bias(self.eval_bias, self.window, x)
         proj = self.proj["1"]
         if not torch.jit.is_scripting() and exporting_graph():  # NCHW convs, as the trained module runs
             return proj(self.cascade(x, bias, 1.0), residual)
+        B, C, H, W = x.shape
+        kd, d, N = self.key_dim, self.val_dim, H * W
         qkv_stack = self.qkv_stack  # every head's projection of its own chunk at once, (heads, B*N, e)
         chunks = torch.baddbmm(self.qkv_bias, _head_tokens(x, self.num_heads), qkv_stack).unbind(0)
         weights, biases = qkv_stack.unbind(0), bias.unbind(0)  # one call each, not one index per head
