@@ -329,6 +329,7 @@ def test_trace_script_and_compile_graph():
     _close(compiled(x), ref)
 
 
+@pytest.mark.slow
 def test_fuse_gives_an_inference_model_and_leaves_the_source_alone():
     """fuse's promise: an eval-mode model without BatchNorm or gradients, on the source's dtype,
     the source model untouched (its training mode and weights)."""

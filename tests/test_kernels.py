@@ -67,7 +67,8 @@ def _stage_cases() -> list:
         for s, (C, heads) in enumerate(zip(cfg.widths, cfg.heads)):
             key = (C, heads, cfg.kernels[:heads], WINDOWS_AT_224[s])
             cases.setdefault(key, f"{name.removeprefix('efficientvit_')}-stage{s + 1}")
-    return [pytest.param(*key, id=i) for key, i in cases.items()]
+    # M0's three stages in the fast lane, the other variants' shapes in the full suite
+    return [pytest.param(*key, id=i, marks=() if i.startswith("m0-") else pytest.mark.slow) for key, i in cases.items()]
 
 
 def test_runs_here():
@@ -88,6 +89,7 @@ def test_map_smaller_than_the_window(H, W):
     _check_fp32(_tokens(2, H, W, 96), _random_operands(96, 3, (7, 5, 3), 7, H, W))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("H, W, programs", [(14, 14, 3), (10, 9, None), (9, 8, 1)])
 def test_maps_larger_than_the_window_and_program_loop(H, W, programs):
     """Windows read from and written to the map in place (14x14 tiles exactly; 10x9 and 9x8 are padded),
@@ -95,6 +97,7 @@ def test_maps_larger_than_the_window_and_program_loop(H, W, programs):
     _check_fp32(_tokens(1, H, W, 64), _random_operands(64, 4, (7, 5, 3, 3), 7, H, W), programs=programs)
 
 
+@pytest.mark.slow
 def test_strided_input_and_tuning_knobs():
     """A (B, H, W, C) view with the strides of a larger map: no copy needed, same result; the tuning
     arguments change the speed only."""
@@ -102,6 +105,7 @@ def test_strided_input_and_tuning_knobs():
     _check_fp32(big[:, 1:8, 2:9], _random_operands(64, 4, (3, 3, 3, 3), 7, 7, 7), num_warps=8, maxnreg=128)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_within_the_pytorch_forms_error(dtype):
     """fp16/bf16: the kernel's error against fp32 stays within twice the PyTorch form's in the same dtype."""
@@ -118,7 +122,8 @@ def test_half_precision_within_the_pytorch_forms_error(dtype):
     assert 0 < torch_err and err <= 2 * torch_err, (err, torch_err)
 
 
-@pytest.mark.parametrize("resolution, H, W", [(14, 14, 14), (14, 10, 9), (7, 4, 4), (7, 5, 3)])
+@pytest.mark.parametrize("resolution, H, W", [pytest.param(14, 14, 14, marks=pytest.mark.slow),
+                                              pytest.param(14, 10, 9, marks=pytest.mark.slow), (7, 4, 4), (7, 5, 3)])
 def test_reference_and_kernel_are_the_models_attention(resolution, H, W):
     """relu(concat of heads) from both, through the model's own output projection, equals the model's
     LocalWindowAttention: tiled, padded and smaller-than-window maps, q kernels 7/5/3."""
