@@ -17,7 +17,7 @@ FASHION_MNIST := /usr/share/datasets/fashion-mnist
 # pytest workers; each gets one BLAS thread so two workers use the two cores without oversubscription
 JOBS ?= 2
 
-.PHONY: install data test demo lint clean
+.PHONY: install data test test-fast demo lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,10 @@ data:
 
 test: install data
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(JOBS) --durations=15
+
+# the fast lane while working: every test not marked slow (multi-second end-to-end runs); CI runs `make test`
+test-fast: install data
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(JOBS) -m "not slow"
 
 # Fashion-MNIST end to end (effvit/cli/demo.py): train M0 from scratch, evaluate, predict, export, summary.
 demo: install data

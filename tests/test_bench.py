@@ -142,6 +142,7 @@ def test_cuda_forms_match_eager_and_graphs_follow_their_input(tmp_path):
     assert all(float(r["img_s"]) > 0 for r in rows)
 
 
+@pytest.mark.slow
 def test_bench_model_restores_threads_and_cudnn_and_rows_describe_the_run():
     from effvit.bench.throughput import BenchSettings, bench_model
 
@@ -157,6 +158,7 @@ def test_bench_model_restores_threads_and_cudnn_and_rows_describe_the_run():
     assert row["peak_frac"] == pytest.approx(row["macs_m"] * 1e6 * 2 * row["img_s"] / peak, rel=0.01, abs=1e-3)
 
 
+@pytest.mark.slow
 def test_compiled_forms_leave_inductor_settings_alone():
     """Freezing is the compiled form's own option: nothing else compiled in the process gets it."""
     import torch._inductor.config as inductor_config

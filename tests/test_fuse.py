@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import warnings
 
 import pytest
@@ -86,9 +87,36 @@ def test_conv_batch_switches_at_the_batch(monkeypatch):
     assert all(m.conv_batch == 5 and m.conv_weight.shape[2:] == (1, 1) for m in pws)
     gemm_only = [m for m in fuse(model, conv_batch=0).modules() if isinstance(m, PointwiseConv)]
     assert all(m.conv_batch == 0 and m.conv_weight.numel() == 0 for m in gemm_only)
-    assert conv_batch_for_cpu() in (0, 16)
     with pytest.raises(ValueError, match="conv_batch must be 'auto' or a batch size"):
         fuse(model, conv_batch=-1)
+
+
+@pytest.mark.parametrize("conv_s, gemm_s, expected", [(1.0, 2.0, 16), (0.85, 1.0, 16), (0.95, 1.0, 0),
+                                                       (2.0, 1.0, 0)])
+@torch.no_grad()
+def test_conv_batch_probe_answers_what_it_measures(monkeypatch, conv_s, gemm_s, expected):
+    """``fuse(conv_batch="auto")`` switches to convolutions at batch 16 only where the probe timed the
+    convolution at least 10% faster than the GEMM: a clock that advances by set costs per call decides."""
+    clock = [0.0]
+
+    def costing(op, seconds):
+        def call(*args, **kw):
+            clock[0] += seconds
+            return op(*args, **kw)
+        return call
+
+    monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(torch.nn.functional, "conv2d", costing(torch.nn.functional.conv2d, conv_s))
+    monkeypatch.setattr(torch, "mm", costing(torch.mm, gemm_s))
+    conv_batch_for_cpu.cache_clear()  # measured once per process: measure again under this clock
+    try:
+        fused = fuse(_model(), conv_batch="auto")
+        assert conv_batch_for_cpu() == expected
+    finally:
+        monkeypatch.undo()
+        conv_batch_for_cpu.cache_clear()
+    pws = [m for m in fused.modules() if isinstance(m, PointwiseConv)]
+    assert pws and all(m.conv_batch == expected for m in pws)
 
 
 @pytest.mark.parametrize("name,size", [
@@ -323,6 +351,7 @@ def test_trace_script_and_compile_graph():
     _close(compiled(x), ref)
 
 
+@pytest.mark.slow
 def test_fuse_gives_an_inference_model_and_leaves_the_source_alone():
     """fuse's promise: an eval-mode model without BatchNorm or gradients, on the source's dtype,
     the source model untouched (its training mode and weights)."""

@@ -160,6 +160,7 @@ def test_16bit_float_and_animated_images_through_predict(classifier, tmp_path, c
     assert "d_anim.gif has 2 frames: only the first is used" in cap.err
 
 
+@pytest.mark.slow
 def test_training_on_16bit_pngs_sees_what_it_sees_on_8bit_ones(tmp_path):
     from effvit.train import build_classification_task, seed_everything, train
 

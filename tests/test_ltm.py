@@ -101,6 +101,7 @@ def test_gradients_reach_every_mask_module_that_merges():
             torch.testing.assert_close(model.get_parameter(f"{name}.score.weight").grad, grad)
 
 
+@pytest.mark.slow
 def test_macs_fall_monotonically_with_the_keep_ratio():
     macs = [count_macs(effvit.create_model("efficientvit_m0", ltm=k)) for k in (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)]
     assert all(a > b for a, b in zip(macs, macs[1:])), macs
@@ -112,6 +113,7 @@ def test_macs_fall_monotonically_with_the_keep_ratio():
     assert extra == 64 + 2 * 128 + 3 * 192
 
 
+@pytest.mark.slow
 def test_unmerged_checkpoint_loads_with_only_the_mask_modules_missing(tmp_path):
     plain = randomize(effvit.create_model("efficientvit_m0", num_classes=10))
     model = effvit.create_model("efficientvit_m0", num_classes=10, ltm=0.8)
@@ -139,6 +141,7 @@ def test_area_matrices_cached_in_inference_mode_serve_a_training_step():
     assert model.stages[0].blocks[0].merge.score.weight.grad is not None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
 def test_a_saved_ltm_model_loads_back_as_one(tmp_path, suffix):
     model = ltm_model(keep=(0.8, 1.0, 0.7, 0.9, 0.9, 0.9), num_classes=5, img_size=96).eval()
@@ -167,6 +170,7 @@ def test_any_resolution_and_features_only(size):
     assert maps[0].shape[-2:] == merged_size(14, 14, 0.8) == (13, 13) and maps[1].shape[-2:] == (5, 5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("size", [112, 160])  # 160: a 10x10 map, padded to two 7x7 windows a side
 def test_fused_and_exported_ltm_models_match_eager(size):
     model = ltm_model(keep=0.8, in_chans=1, num_classes=10, img_size=size).eval()
@@ -245,6 +249,7 @@ def test_kmeans_finds_separated_clusters():
     assert dist.min(1).values.max() < 1.0 and dist.argmin(1).unique().numel() == 3
 
 
+@pytest.mark.slow
 def test_ib_loss_banks_refreshes_and_switches_on_at_its_start_epoch():
     torch.manual_seed(0)
     model = effvit.create_model("efficientvit_m0", num_classes=4, in_chans=1, img_size=64)

@@ -11,9 +11,11 @@ from effvit.models.attention import bias_index
 from effvit.models.complexity import count_macs, count_params
 
 MODELS = effvit.list_models()
+SLOW = pytest.mark.slow
+FAST_M0 = [MODELS[0], *(pytest.param(n, marks=SLOW) for n in MODELS[1:])]  # M0 in the fast lane, M1-M5 slow
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", FAST_M0)
 def test_logits_match_timm_in_eval_and_train(name, images):
     torch.manual_seed(0)
     ref = randomize(timm.create_model(name))
@@ -27,7 +29,7 @@ def test_logits_match_timm_in_eval_and_train(name, images):
             assert diff <= 1e-5, f"{name} train={train}: max abs diff {diff}"
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", FAST_M0)
 def test_paper_parameter_count_and_macs(name):
     model = effvit.create_model(name)
     v = VARIANTS[name]
@@ -55,7 +57,7 @@ def test_zero_gamma_init_makes_every_block_an_identity():
     assert 0.015 < model.head.linear.weight.std().item() < 0.025
 
 
-@pytest.mark.parametrize("size", [256, 384, 512, (320, 192), (200, 130), 64])
+@pytest.mark.parametrize("size", [256, 384, pytest.param(512, marks=SLOW), (320, 192), (200, 130), 64])
 def test_any_resolution_gives_logits_and_stride_maps(size):
     h, w = (size, size) if isinstance(size, int) else size
     model = effvit.create_model("efficientvit_m2", img_size=size).eval()
@@ -195,6 +197,7 @@ class TestEvalBiasNeverStale:
             assert a.stages[0].blocks[0].mixer.m.attn.window_bias().dtype == torch.float16
 
 
+@pytest.mark.slow
 def test_torchscript_trace_and_script_match_eager():
     model = randomize(effvit.create_model("efficientvit_m1")).eval()
     x = torch.randn(2, 3, 224, 224)

@@ -53,6 +53,7 @@ def random_cases(n, seed):
                     (500, 200, 0.01), (200, 500, 89.99), (123, 321, -135.0)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1])
 def test_max_area_matches_brute_force(seed):
     for w, h, a in random_cases(40, seed):

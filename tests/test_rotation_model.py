@@ -44,6 +44,7 @@ def test_timm_backbone_by_name():
         RotationModel("timm/resnet18", "cgd", pretrained="/nonexistent/weights.pth")
 
 
+@pytest.mark.slow
 def test_effvit_backbone_loads_local_pretrained_weights(tmp_path):
     from effvit.models import create_model
     from effvit.models.weights import save_checkpoint
@@ -56,6 +57,7 @@ def test_effvit_backbone_loads_local_pretrained_weights(tmp_path):
     assert model.backbone.head.linear.out_features == 360  # the classifier is replaced
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("half", [False, True])
 def test_weight_file_round_trip(tmp_path, half):
     model = RotationModel("m0", "cgd", img_size=32, angle_range=(-45, 45)).eval()
@@ -165,6 +167,7 @@ def test_straighten_files_writes_same_format_and_reports_errors(tmp_path):
     assert out_c.format == "PNG" and out_c.mode == "RGBA"
 
 
+@pytest.mark.slow
 def test_straighten_min_confidence_dry_run_and_safety(tmp_path):
     write_photos(tmp_path / "in")
     (tmp_path / "in" / "broken.jpg").unlink()
@@ -221,6 +224,7 @@ def test_bundled_photo_model_runs_straighten_by_default(tmp_path, capsys):
     assert -45.0 <= row["angle"] <= 45.0 and 0.0 <= row["confidence"] <= 1.0 and row["output"] is None
 
 
+@pytest.mark.slow
 def test_damaged_or_mismatched_rotation_models_get_clear_errors(tmp_path, capsys):
     """straighten --model / rotation eval --checkpoint: one line saying what is wrong, no traceback."""
     from safetensors.torch import load_file, save_file
@@ -322,6 +326,7 @@ def test_lines_leave_a_photo_without_lines_alone():
     assert refine_with_lines(Image.new("RGB", (50, 40), "grey"), -3.0).angle == -3.0  # flat: no edge at all
 
 
+@pytest.mark.slow
 def test_straighten_files_tta_and_lines(tmp_path):
     from effvit.rotation.geometry import rotate_crop
 

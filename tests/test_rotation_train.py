@@ -142,6 +142,7 @@ def test_split_indices():
         split_indices(1, 0.5, 0)
 
 
+@pytest.mark.slow
 def test_eval_command_writes_report(photo_dir, tmp_path, capsys):
     from effvit.cli import main
     from effvit.rotation.model import RotationModel, save_rotation_model
@@ -180,6 +181,7 @@ def test_build_test_set_takes_plain_arguments(photo_dir):
         build_test_set(model, data=[photo_dir / "val"], repeats=0)
 
 
+@pytest.mark.slow
 def test_evaluate_rotation_checkpoint_measures_then_saves(photo_dir, tmp_path):
     from effvit.rotation.evaluate import evaluate_rotation_checkpoint, save_rotation_evaluation
     from effvit.rotation.model import RotationModel, save_rotation_model

@@ -60,6 +60,7 @@ def test_names_tags_and_list_models():
         effvit.create_model("efficientvit_m0.in22k")
 
 
+@pytest.mark.slow
 def test_create_model_takes_timms_arguments(tmp_path):
     torch.manual_seed(0)
     src = randomize(effvit.create_model("efficientvit_m0"))
@@ -79,6 +80,7 @@ def test_create_model_takes_timms_arguments(tmp_path):
         assert m.eval()(x.double()).dtype == torch.float64
 
 
+@pytest.mark.slow
 def test_features_only_feature_info_config_and_feature_cls(tmp_path):
     torch.manual_seed(0)
     model = randomize(effvit.create_model("efficientvit_m1")).eval()
@@ -123,6 +125,7 @@ def test_forward_intermediates_shapes_values_and_pruning():
     assert logits.shape == (2, 1000)
 
 
+@pytest.mark.slow
 @torch.no_grad()
 def test_fx_feature_extraction_equals_the_stage_outputs():
     torch.manual_seed(0)
@@ -220,6 +223,7 @@ def test_pth_and_safetensors_of_a_64px_grey_model_rebuild_identically(tmp_path):
     assert resolve_data_config(model=loaded[0]) == resolve_data_config(model=loaded[1])
 
 
+@pytest.mark.slow
 @torch.no_grad()
 def test_load_model_reads_training_checkpoints_with_and_without_ema(tmp_path):
     torch.manual_seed(0)
@@ -239,6 +243,7 @@ def test_load_model_reads_training_checkpoints_with_and_without_ema(tmp_path):
         effvit.load_model(path, model_name="m1")
 
 
+@pytest.mark.slow
 @torch.no_grad()
 def test_load_model_rebuilds_a_timm_backbone_trained_by_effvit(tmp_path, capsys):
     """`effvit train --model efficientnet_lite0` checkpoints go through the same loader to eval/predict."""

@@ -33,6 +33,7 @@ def trained(tmp_path_factory):
     return data, tmp / "run"
 
 
+@pytest.mark.slow
 def test_train_writes_checkpoints_logs_and_curves(trained):
     _, run = trained
     for f in ("last.pth", "best.pth", "log.csv", "curves.png", "config.yaml", "log.txt"):
@@ -47,6 +48,7 @@ def test_train_writes_checkpoints_logs_and_curves(trained):
         assert key in state
 
 
+@pytest.mark.slow
 def test_eval_reports_per_class_accuracy_and_confusion_png(trained, tmp_path, capsys):
     data, run = trained
     assert main(["eval", "--checkpoint", str(run / "best.pth"), "--data", str(data), "--output",
@@ -62,6 +64,7 @@ def test_eval_reports_per_class_accuracy_and_confusion_png(trained, tmp_path, ca
     assert json.loads(capsys.readouterr().out)["weights"] == "ema"
 
 
+@pytest.mark.slow
 def test_evaluate_checkpoint_returns_the_numbers_and_save_writes_them(trained, tmp_path):
     data, run = trained
     result = evaluate_checkpoint(run / "best.pth", data=str(data), output=tmp_path / "out", workers=0,
@@ -81,6 +84,7 @@ def test_evaluate_checkpoint_returns_the_numbers_and_save_writes_them(trained, t
     assert written[1].stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_eval_refuses_other_class_folders(trained, tmp_path, capsys):
     _, run = trained
     other = make_image_folder(tmp_path / "other", classes=("cat", "dog"), n_train=1, n_val=1)
@@ -88,6 +92,7 @@ def test_eval_refuses_other_class_folders(trained, tmp_path, capsys):
     assert "differ" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_train_stops_on_nan_loss_with_exit_code_3(trained, tmp_path, monkeypatch, capsys):
     """A loss that turns NaN in epoch 2: exit status 3, a message naming the last good checkpoint, and
     that checkpoint (epoch 1) still on disk."""
@@ -110,6 +115,7 @@ def test_train_stops_on_nan_loss_with_exit_code_3(trained, tmp_path, monkeypatch
     assert torch.load(tmp_path / "nan" / "last.pth", weights_only=True)["epoch"] == 1
 
 
+@pytest.mark.slow
 def test_predict_table_json_csv_and_skips_corrupt_images(trained, tmp_path, capsys):
     data, run = trained
     imgs = tmp_path / "imgs"
@@ -198,6 +204,7 @@ def test_flag_values_are_text_and_overrides_follow_the_declared_type(tmp_path):
     assert (cfg.data.root, cfg.run.name) == ("photos #1", "0042")
 
 
+@pytest.mark.slow
 def test_a_second_run_with_the_same_name_is_refused(trained, capsys):
     data, run = trained
     before = (run / "last.pth").read_bytes()
@@ -206,6 +213,7 @@ def test_a_second_run_with_the_same_name_is_refused(trained, capsys):
     assert (run / "last.pth").read_bytes() == before
 
 
+@pytest.mark.slow
 def test_distributed_run_with_a_batch_unreadable_on_one_rank_does_not_hang(tmp_path, capfd):
     """2 gloo processes; rank 1's first batch is all unreadable files. Every rank drops that step (it holds
     DDP's all-reduce), so both finish the epoch, with identical weights, instead of waiting forever."""
@@ -232,6 +240,7 @@ def test_distributed_run_with_a_batch_unreadable_on_one_rank_does_not_hang(tmp_p
     assert rows[0]["skipped"] == rows[1]["skipped"] == 4  # summed over the ranks
 
 
+@pytest.mark.slow
 def test_eval_checks_its_output_first_and_always_prints_the_metrics(trained, tmp_path, capsys, monkeypatch):
     import errno
 

@@ -53,6 +53,7 @@ def test_class_folders_must_match_between_train_and_val(tmp_path):
         _task(tiny_config(root, tmp_path))
 
 
+@pytest.mark.slow
 def test_unreadable_images_are_skipped_and_counted_or_stop_under_strict(tmp_path, capsys):
     from effvit.train import train
 

@@ -40,6 +40,7 @@ def _batch_loss(model, inputs, targets):
         return nn.functional.cross_entropy(m(inputs), targets).item()
 
 
+@pytest.mark.slow
 def test_training_reduces_the_loss(folder, tmp_path):
     cfg = tiny_config(folder, tmp_path, "sched.epochs=3", "ema.enabled=false")
     task = _build(cfg)
@@ -114,6 +115,7 @@ class _Images(Dataset):
         return self.x[i], self.x[i].mean()
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_the_last_good_checkpoint(folder, tmp_path):
     from effvit.models import create_model
 
@@ -130,6 +132,7 @@ def test_nan_loss_stops_with_the_last_good_checkpoint(folder, tmp_path):
     assert state["meta"]["num_classes"] == 1 and "val_mse" in state["history"][0]
 
 
+@pytest.mark.slow
 def test_finetune_to_other_classes_and_resolution(folder, tmp_path):
     cfg = tiny_config(folder, tmp_path / "src", "sched.epochs=1", "ema.enabled=false")
     src = train(_build(cfg), cfg)
@@ -161,6 +164,7 @@ def test_finetune_to_other_classes_and_resolution(folder, tmp_path):
     assert result.history[-1]["val_top1"] == pytest.approx(100.0 * (logits.argmax(1) == y).float().mean().item())
 
 
+@pytest.mark.slow
 def test_checkpoint_of_another_variant_is_refused(folder, tmp_path):
     cfg = tiny_config(folder, tmp_path / "m0", "sched.epochs=1", "ema.enabled=false")
     src = train(_build(cfg), cfg)
@@ -173,6 +177,7 @@ def test_checkpoint_of_another_variant_is_refused(folder, tmp_path):
         _build(other)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
 def test_mixed_precision_steps(amp):
     from effvit.models import create_model
@@ -193,6 +198,7 @@ def test_mixed_precision_steps(amp):
     assert model.head.linear.weight.dtype == torch.float32  # autocast: master weights stay fp32
 
 
+@pytest.mark.slow
 def test_agc_step_uses_effvits_batched_clip(monkeypatch):
     """clip_mode=agc runs effvit.train.agc (not timm's per-parameter loop) and updates as timm's AGC would."""
     import copy
@@ -244,6 +250,7 @@ def test_cuda_training_step():
     assert torch.isfinite(loss)
 
 
+@pytest.mark.slow
 def test_distillation_from_an_effvit_teacher(folder, tmp_path):
     """DeiT-style: the teacher is the checkpoint, head included, and the student's distillation head learns
     from its arg-max (hard) or its distribution (soft): the loss is exactly that mix."""
@@ -318,6 +325,7 @@ def _best_epoch(run):
     return load_training_state(run / "best.pth")["epoch"], load_training_state(run / "last.pth")["best"]["epoch"]
 
 
+@pytest.mark.slow
 def test_best_checkpoint_survives_a_full_disk_and_a_kill(folder, tmp_path, monkeypatch):
     """The disk fills up while epoch 2 (the new best) is saved: the run stops with best.pth and last.pth
     still agreeing (epoch 1); resumed, epoch 2 becomes best.pth again. A temporary file left by a killed
@@ -345,6 +353,7 @@ def test_best_checkpoint_survives_a_full_disk_and_a_kill(folder, tmp_path, monke
     assert not (run / ".last.pth.tmp99999").exists()
 
 
+@pytest.mark.slow
 def test_resume_recreates_a_missing_best_checkpoint(folder, tmp_path):
     cfg = tiny_config(folder, tmp_path, "sched.epochs=2", "ema.enabled=false", "run.stop_after=1")
     run = tmp_path / "run"
@@ -356,6 +365,7 @@ def test_resume_recreates_a_missing_best_checkpoint(folder, tmp_path):
     assert "re-created" in (run / "log.txt").read_text()
 
 
+@pytest.mark.slow
 def test_run_folder_is_never_overwritten_nor_shared(folder, tmp_path):
     from effvit.train.rundir import RunFolder
 
@@ -378,6 +388,7 @@ def test_run_folder_is_never_overwritten_nor_shared(folder, tmp_path):
         second.output_dir / "log.txt").read_text()
 
 
+@pytest.mark.slow
 def test_nan_check_does_not_read_the_loss_on_the_host_every_step(folder, tmp_path):
     """A host read of a device tensor waits for the device: the finiteness check must not add one per
     step. Counted on the losses themselves: an epoch of 8 steps reads them as often as one of 2."""
@@ -417,6 +428,7 @@ def test_resume_from_a_pickle_or_a_folder_says_what_it_is(tmp_path):
         load_training_state(tmp_path)
 
 
+@pytest.mark.slow
 def test_ib_loss_plug_in_changes_training_only_when_on(folder, tmp_path):
     """The IB loss (LTM's) is a plug-in: off by default, nothing changes; on from epoch 2, the first epoch is
     bit-identical to a run without it (it only banks features and refits its clusters), the second not."""

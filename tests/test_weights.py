@@ -86,6 +86,7 @@ def test_timm_layout_files_load(reference, tmp_path, suffix):
     torch.testing.assert_close(_logits(model, x), expected, rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_effvit_checkpoint_round_trip_and_timm_loads_our_export(reference, tmp_path):
     sd, x, expected = reference
     ours = effvit.create_model("efficientvit_m0")
@@ -168,6 +169,7 @@ def test_url_download_checks_sha256(reference, tmp_path, server):
     torch.testing.assert_close(_logits(model, x), expected, rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_download_cache_is_keyed_by_the_whole_url(tmp_path, server):
     """Same file name under other folders or queries: other weights, each fetched once."""
     bodies = {path: _weights_bytes(tmp_path, seed) for seed, path in enumerate(
