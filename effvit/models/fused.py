@@ -93,7 +93,7 @@ class PointwiseConv(nn.Module):
         if x.dim() == 2:
             return self.tokens(x, residual)
         if self.runs_as_conv(x):
-            weight = self.conv_weight if self.conv_weight.numel() else self.weight.t()[:, :, None, None]
+            weight = self.conv_weight if self.conv_batch else self.weight.t()[:, :, None, None]  # kept only when used
             y = F.conv2d(x, weight, self.bias)
             return y if residual is None else y.add_(residual)
         res = None if residual is None else to_tokens(residual)
