@@ -20,13 +20,13 @@ import torch
 
 from effvit.bench.runtimes import p90
 from effvit.bench.timing import alternate, ratio
+from effvit.data import eval_transform
 from effvit.deploy.calibration import batches, image_sets
 from effvit.deploy.cpuinfo import bf16_unit, int8_unit
 from effvit.deploy.graph import export_onnx
 from effvit.deploy.openvino import export_openvino, openvino_predictor
 from effvit.deploy.quantize import compare_predictions, ort_predictor, quantize_onnx
 from effvit.models import load_model
-from effvit.train.inference import eval_transform
 
 # (name, op types, calibration method); "all" = every op type onnxruntime quantizes
 VARIANTS = [

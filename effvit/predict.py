@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from effvit.train.data import ImageList, build_loader
-from effvit.train.inference import class_names, eval_transform, image_mode
+from effvit.data import ImageList, build_loader, eval_transform, image_mode
+from effvit.models.pretrained import class_names, input_channels
 
 __all__ = ["ClassScore", "ImagePrediction", "Predictions", "predict"]
 
@@ -39,7 +39,7 @@ def predict(model: nn.Module, files: list[str], *, topk: int = 5, batch_size: in
     listed in ``unreadable`` and the others are still predicted."""
     device = device or torch.device("cpu")
     names = class_names(model)
-    ds = ImageList(files, eval_transform(model), mode=image_mode(model))
+    ds = ImageList(files, eval_transform(model), mode=image_mode(input_channels(model)))
     loader = build_loader(ds, batch_size, num_workers=workers)
     k = min(topk, model.num_classes)
     out = Predictions()

@@ -9,12 +9,12 @@ import os
 import sys
 
 from effvit.cli import main
-from effvit.train import data, engine
+from effvit.train import engine, samplers
 from effvit.train.checkpoint import cpu_state, save_atomic
 
 RANK = int(os.environ["RANK"])
 drawn: list[tuple[int, list[int]]] = []
-sampler_iter, engine_train = data.EpochSampler.__iter__, engine.train
+sampler_iter, engine_train = samplers.EpochSampler.__iter__, engine.train
 
 
 def recording_iter(self):
@@ -31,6 +31,6 @@ def train_and_record(task, cfg, **kwargs):
     return result
 
 
-data.EpochSampler.__iter__ = recording_iter
+samplers.EpochSampler.__iter__ = recording_iter
 engine.train = train_and_record
 sys.exit(main(sys.argv[1:]))

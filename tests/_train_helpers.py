@@ -49,7 +49,7 @@ class SomeUnreadable(torch.utils.data.Dataset):
         return len(self.x)
 
     def __getitem__(self, i):
-        from effvit.train import Unreadable
+        from effvit.data import Unreadable
 
         return Unreadable(f"img{i}.png", "OSError: broken") if i in self.bad else (self.x[i], self.x[i].mean())
 
@@ -71,9 +71,10 @@ def ddp_rank(rank: int, world: int, init_file: str, out: str) -> None:
 
     import torch.distributed as dist
 
-    from effvit.train.data import build_loader, build_train_sampler
+    from effvit.data import build_loader
     from effvit.train.distributed import DistContext
     from effvit.train.engine import train_one_epoch
+    from effvit.train.samplers import build_train_sampler
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
@@ -90,7 +91,7 @@ def ddp_rank(rank: int, world: int, init_file: str, out: str) -> None:
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
                                 torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 1))
     ddp = torch.nn.parallel.DistributedDataParallel(model)
-    loader = build_loader(ds, 4, sampler=sampler, train=True, ctx=ctx)
+    loader = build_loader(ds, 4, sampler=sampler, train=True, rank=ctx.rank, world_size=ctx.world_size)
     row = train_one_epoch(ddp, Brightness(model, ds), loader, torch.optim.SGD(model.parameters(), lr=0.1),
                           epoch=0, cfg=cfg, ctx=ctx, raw_model=model)
     torch.save(dict(model.named_parameters()), f"{out}/weights_rank{rank}.pth")  # BN statistics are per rank

@@ -134,17 +134,6 @@ def test_rotation_eval_and_predict_check_their_outputs_first(classifier, tmp_pat
     assert "is a folder: give a file name with --output" in capsys.readouterr().err
 
 
-@pytest.fixture(scope="module")
-def classifier(tmp_path_factory):
-    from effvit.bench.weights import randomise_norms
-    from effvit.models import create_model
-    from effvit.models.weights import save_checkpoint
-
-    torch.manual_seed(0)
-    model = randomise_norms(create_model("efficientvit_m0", num_classes=4, img_size=32)).eval()
-    return save_checkpoint(model, tmp_path_factory.mktemp("ckpt") / "m0.pth")
-
-
 def test_16bit_float_and_animated_images_through_predict(classifier, tmp_path, capsys):
     arr = _photo16()
     Image.fromarray(arr).save(tmp_path / "a_deep.png")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from effvit.models import create_model, parse_model_name, resolve_models, variant_name
-from effvit.rotation.model import _effvit_name
+from effvit.models.backbone import effvit_variant
 
 
 @pytest.mark.parametrize("spelling", ["m0", "M0", " m0 ", "efficientvit_m0", "EfficientViT_M0",
@@ -31,5 +31,5 @@ def test_create_model_and_the_rotation_backbones_take_the_short_names():
     assert parse_model_name("timm/efficientvit_m2.r224_in1k") == ("efficientvit_m2", "r224_in1k")
     with pytest.raises(ValueError, match="unknown model 'm9'"):
         create_model("m9")
-    assert _effvit_name("M3") == "efficientvit_m3"
-    assert _effvit_name("timm/efficientvit_m3") is None  # timm's own implementation, by request
+    assert effvit_variant("M3") == "efficientvit_m3"
+    assert effvit_variant("timm/efficientvit_m3") is None  # timm's own implementation, by request

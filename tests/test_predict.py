@@ -8,9 +8,9 @@ import torch
 from PIL import Image
 
 from effvit.bench.weights import randomise_norms
+from effvit.data import eval_transform
 from effvit.models import create_model
 from effvit.predict import ClassScore, predict
-from effvit.train.inference import eval_transform
 
 LABELS = ["ant", "bee", "cat"]
 

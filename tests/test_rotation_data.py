@@ -8,14 +8,14 @@ import pytest
 import torch
 from PIL import Image
 
+from effvit.data import list_images
+from effvit.data import load_image as load_upright
 from effvit.rotation.data import (
     ArrayImages,
     FolderImages,
     RotatedImages,
     centre_square,
     fashion_mnist,
-    list_images,
-    load_upright,
     to_input,
 )
 
@@ -79,7 +79,7 @@ def test_fashion_mnist_source(tmp_path):
 
 
 def test_unreadable_file_becomes_a_marker(tmp_path):
-    from effvit.train.data import Unreadable
+    from effvit.data import Unreadable
 
     Image.new("RGB", (30, 20)).save(tmp_path / "a.png")
     (tmp_path / "b.jpg").write_bytes(b"broken")

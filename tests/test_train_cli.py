@@ -144,9 +144,10 @@ def test_predict_table_json_csv_and_skips_corrupt_images(trained, tmp_path, caps
 def test_imagenet_checkpoint_gets_the_paper_eval_transform(tmp_path):
     from torchvision.transforms import CenterCrop, Resize
 
+    from effvit.data import eval_transform, image_mode
     from effvit.models import create_model, load_model
+    from effvit.models.pretrained import class_names, input_channels
     from effvit.models.weights import save_checkpoint
-    from effvit.train.inference import class_names, eval_transform, image_mode
 
     path = save_checkpoint(create_model("efficientvit_m0"), tmp_path / "m0.pth")
     model = load_model(path)
@@ -154,7 +155,7 @@ def test_imagenet_checkpoint_gets_the_paper_eval_transform(tmp_path):
     resize = next(t for t in tf if isinstance(t, Resize))
     crop = next(t for t in tf if isinstance(t, CenterCrop))
     assert resize.size == 256 and resize.interpolation.value == "bicubic" and crop.size == (224, 224)
-    assert len(class_names(model)) == 1000 and image_mode(model) == "RGB"
+    assert len(class_names(model)) == 1000 and image_mode(input_channels(model)) == "RGB"
 
 
 @pytest.mark.slow

@@ -12,19 +12,18 @@ import pytest
 import torch
 from _train_helpers import make_image_folder, tiny_config
 
+from effvit.data import FASHION_MNIST_DIR, FashionMNIST, Unreadable, build_loader, read_idx
 from effvit.train import (
     ClassificationConfig,
     EngineConfig,
-    Unreadable,
     build_classification_task,
-    build_loader,
     evaluate,
     load_classification_config,
     load_config,
     packaged_configs,
 )
-from effvit.train.data import FASHION_MNIST_DIR, FashionMNIST, build_train_sampler, read_idx
 from effvit.train.distributed import DistContext
+from effvit.train.samplers import build_train_sampler
 
 
 def _task(cfg):

@@ -14,7 +14,7 @@ from PIL import Image
 
 from effvit.bench.runtimes import onnx_speed, p90
 from effvit.cli import main as cli_main
-from effvit.train.data import FashionMNIST
+from effvit.data import FashionMNIST
 
 # The recipe of configs/fashion_mnist_m0.yaml at 64 px (a third of the compute of its 112 px) for 3 epochs,
 # each on a fresh random half of the training set, keeps the demo within 10 minutes.

@@ -16,11 +16,10 @@ import io
 import json
 import sys
 
+from effvit.data import list_images, resolve_device
 from effvit.models import load_model
 from effvit.outputs import writable_file
 from effvit.predict import Predictions, predict
-from effvit.train.data import list_images
-from effvit.train.distributed import resolve_device
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from effvit.train.data import FashionMNIST, ImageFolder, ImageList, Unreadable, find_classes, list_images
-from effvit.train.inference import class_names, image_mode
+from effvit.data import FashionMNIST, ImageFolder, ImageList, Unreadable, find_classes, image_mode, list_images
+from effvit.models.pretrained import class_names, input_channels
 
 __all__ = ["ImageSets", "image_sets", "batches"]
 
@@ -42,7 +42,7 @@ def _sample(n_total: int, n: int, seed: int) -> list[int]:
 def _dataset_splits(model, transform, data_root: str | None) -> tuple[Dataset, Dataset, str] | None:
     """(training split, labelled held-out split, name of the held-out split) of the checkpoint's
     dataset, or None where it cannot be had (outside weights, or a folder dataset without its root)."""
-    dataset, mode = model.pretrained_cfg.get("dataset"), image_mode(model)
+    dataset, mode = model.pretrained_cfg.get("dataset"), image_mode(input_channels(model))
     if dataset == "fashion_mnist":
         return (FashionMNIST(data_root, train=True, transform=transform, mode=mode),
                 FashionMNIST(data_root, train=False, transform=transform, mode=mode), "the Fashion-MNIST test set")
@@ -76,7 +76,8 @@ def image_sets(model, transform, *, folder: str | Path | None = None, data_root:
         calib, held, held_name = splits
         what = "training images"
         if folder is not None:
-            calib, what = ImageList(list_images(folder), transform=transform, mode=image_mode(model)), str(folder)
+            mode = image_mode(input_channels(model))
+            calib, what = ImageList(list_images(folder), transform=transform, mode=mode), str(folder)
         return ImageSets(calib, _sample(len(calib), calibration_images, seed), held,
                          _sample(len(held), held_out_images, seed), True,
                          f"calibration on {what}, check on {held_name}")
@@ -84,7 +85,7 @@ def image_sets(model, transform, *, folder: str | Path | None = None, data_root:
     if len(files) < 2:
         raise ValueError(f"{folder} has {len(files)} image: it needs at least two, one to calibrate and one "
                          f"to check (better hundreds)")
-    images = ImageList(files, transform=transform, mode=image_mode(model))
+    images = ImageList(files, transform=transform, mode=image_mode(input_channels(model)))
     order = list(range(len(files)))
     random.Random(seed).shuffle(order)
     n_cal = min(calibration_images, len(files) // 2)  # at least half of a small folder stays for the check

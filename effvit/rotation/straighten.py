@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageColor, ImageOps, JpegImagePlugin
 
-from effvit.images import decoded_at_fewer_bits, frame_count, is_high_bit, to_mode, value_range
+from effvit.data.images import decoded_at_fewer_bits, frame_count, is_high_bit, to_mode, value_range
 from effvit.outputs import writable_dir
 
 from .data import list_images, resize_short, to_tensor

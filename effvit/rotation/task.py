@@ -20,8 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from effvit.images import list_images as list_image_files
-from effvit.train import FASHION_MNIST_MEAN, FASHION_MNIST_STD, Task
+from effvit.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD
+from effvit.data import list_images as list_image_files
+from effvit.train import Task
 from effvit.train.config import (
     Config,
     EmaConfig,

@@ -18,19 +18,9 @@ from .classification import (
     ClassificationConfig,
     ClassificationTask,
     build_classification_task,
-    build_transform,
     load_classification_config,
 )
 from .config import Config, EngineConfig, load_config, packaged_configs
-from .data import (
-    FASHION_MNIST_MEAN,
-    FASHION_MNIST_STD,
-    FashionMNIST,
-    ImageFolder,
-    Unreadable,
-    build_loader,
-    skip_collate,
-)
 from .distributed import DistContext, init_distributed
 from .engine import (
     EvalResult,
@@ -47,6 +37,4 @@ from .task import Task
 __all__ = ["Task", "ClassificationTask", "build_classification_task", "train", "launch", "train_step", "evaluate",
            "TrainResult", "EvalResult", "NonFiniteLossError", "Config", "EngineConfig", "ClassificationConfig",
            "load_config", "load_classification_config", "packaged_configs",
-           "FashionMNIST", "FASHION_MNIST_MEAN", "FASHION_MNIST_STD", "ImageFolder", "Unreadable", "build_loader",
-           "build_transform", "skip_collate",
            "DistContext", "init_distributed", "seed_everything", "load_training_state"]

@@ -157,10 +157,3 @@ def load_training_state(path: str | Path) -> dict:
         raise ValueError(f"{path} holds weights only, not a training state (optimizer, epoch...); "
                          "use it with --finetune or model.pretrained instead of --resume")
     return state
-
-
-def check_same_arch(meta: dict, model: nn.Module, source: str) -> None:
-    want, found = getattr(model, "variant", None), meta.get("arch")
-    if want and found and want != found:
-        raise ValueError(f"{source} holds {found} weights but the model being built is {want}: use "
-                         f"model.name={found} (or --model {found}), or start a new run")

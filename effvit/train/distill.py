@@ -10,13 +10,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from effvit.models import create_model, variant_name
-from effvit.models.weights import fit_state_dict, read_checkpoint
+from effvit.models.backbone import create_backbone
 
 KINDS = ("none", "soft", "hard")
 
@@ -56,37 +54,9 @@ def build_teacher(name: str, checkpoint: str | None, num_classes: int, in_chans:
     if not checkpoint:
         raise ValueError(f"distill.teacher={name} needs distill.teacher_checkpoint: an untrained teacher "
                          "teaches nothing (no weights can be downloaded here)")
-    variant = variant_name(name.split(".")[0])
-    if variant is not None:
-        teacher = create_model(variant, num_classes=num_classes, in_chans=in_chans, img_size=img_size)
-    else:
-        try:
-            teacher = timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_chans)
-        except RuntimeError as e:
-            raise ValueError(f"unknown teacher {name!r}: neither an effvit model nor a timm one ({e})") from e
-    sd, _ = read_checkpoint(checkpoint)  # weights only, with errors that say what the file is
-    head = _classifier_weight(teacher)
-    if head in sd and sd[head].shape[0] != num_classes:
-        raise ValueError(f"teacher checkpoint {checkpoint} predicts {sd[head].shape[0]} classes but the student "
-                         f"learns {num_classes}: a teacher must predict the student's classes (fine-tune it on "
-                         "this data first)")
-    source = f"teacher checkpoint {checkpoint}"
-    if variant is not None:
-        teacher.load_state_dict(fit_state_dict(teacher, sd, source=source), strict=False)
-    else:
-        try:
-            teacher.load_state_dict(sd)
-        except RuntimeError as e:
-            raise ValueError(f"{source} does not fit {name}: {str(e).splitlines()[-1].strip()}") from None
+    teacher = create_backbone(name, num_classes, img_size=img_size, in_chans=in_chans, finetune=checkpoint,
+                              strict_head=True)
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher
-
-
-def _classifier_weight(model: nn.Module) -> str:
-    """The state-dict key of the classifier's weight ('head.linear.weight', 'fc.weight', ...)."""
-    head = model.get_classifier() if hasattr(model, "get_classifier") else None
-    head = head[0] if isinstance(head, (tuple, list)) else head
-    linear = [m for m in head.modules() if isinstance(m, (nn.Linear, nn.Conv2d))] if head is not None else []
-    return next((f"{n}.weight" for n, m in model.named_modules() if linear and m is linear[-1]), "")

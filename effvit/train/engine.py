@@ -28,11 +28,13 @@ from timm.utils import ModelEmaV3, dispatch_clip_grad, distribute_bn
 from torch import nn
 from tqdm.auto import tqdm
 
+from effvit.data import build_loader
+from effvit.models.weights import check_same_arch
+
 from . import distributed as du
 from .agc import adaptive_clip_grad_
 from .checkpoint import (
     capture_rng,
-    check_same_arch,
     copy_atomic,
     load_training_state,
     restore_rng,
@@ -40,10 +42,10 @@ from .checkpoint import (
     training_state,
 )
 from .config import Config
-from .data import build_loader, build_train_sampler
 from .distributed import DistContext
 from .logger import RunLogger, plot_curves
 from .rundir import RunFolder
+from .samplers import build_train_sampler
 from .task import Task, batch_size_of, to_device
 
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -417,7 +419,8 @@ def _train(task: Task, cfg: Config, out: Path, resume: str | Path | None, ctx: D
     task.prepare(ctx.device)
     d = cfg.data
     sampler = build_train_sampler(task.train_dataset, ctx, r.seed, d.repeated_aug, d.train_fraction)
-    loader_kw = dict(ctx=ctx, num_workers=d.num_workers, pin_memory=d.pin_memory, collate_fn=task.collate_fn)
+    loader_kw = dict(rank=ctx.rank, world_size=ctx.world_size, num_workers=d.num_workers,
+                     pin_memory=d.pin_memory and ctx.device.type == "cuda", collate_fn=task.collate_fn)
     train_loader = build_loader(task.train_dataset, d.batch_size, sampler=sampler, train=True, **loader_kw)
     val_loader = None
     if task.val_dataset is not None and r.eval_every > 0:

@@ -15,14 +15,22 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from effvit.data import (
+    FashionMNIST,
+    ImageFolder,
+    build_loader,
+    check_same_classes,
+    eval_transform,
+    find_classes,
+    image_mode,
+)
 from effvit.models import load_model
+from effvit.models.pretrained import arch_name, class_names, has_own_class_names, input_channels
 from effvit.outputs import writable_dir
 
 from .classification import ClassificationTask
-from .data import FashionMNIST, ImageFolder, build_loader, check_same_classes, find_classes
 from .distributed import cleanup, init_distributed
 from .engine import evaluate
-from .inference import arch_name, class_names, eval_transform, has_own_class_names, image_mode
 from .metrics import per_class_accuracy, plot_confusion
 
 
@@ -45,10 +53,11 @@ class CheckpointEvaluation:
 def build_eval_dataset(model: nn.Module, dataset: str, root: str | None, split: str | None,
                        transform) -> tuple[Dataset, str]:
     """The images to evaluate ``model`` on and the split's name; folder classes must match the model's."""
+    mode = image_mode(input_channels(model))
     if dataset == "fashion_mnist":
         if split not in (None, "test", "val", "train"):
             raise ValueError(f"Fashion-MNIST has the splits train and test, not {split!r}")
-        ds = FashionMNIST(root, train=split == "train", transform=transform, mode=image_mode(model))
+        ds = FashionMNIST(root, train=split == "train", transform=transform, mode=mode)
         return ds, split or "test"
     if not root:
         raise ValueError("pass --data DIR: the folder holding DIR/val/<class>/*.jpg (or --split NAME)")
@@ -65,7 +74,7 @@ def build_eval_dataset(model: nn.Module, dataset: str, root: str | None, split: 
                          "outputs")
     else:
         names = classes
-    return ImageFolder(split_dir, names, transform=transform, mode=image_mode(model)), split
+    return ImageFolder(split_dir, names, transform=transform, mode=mode), split
 
 
 def evaluate_checkpoint(checkpoint: str | Path, *, data: str | None = None, dataset: str | None = None,
@@ -88,7 +97,8 @@ def evaluate_checkpoint(checkpoint: str | Path, *, data: str | None = None, data
         out = Path(output) if output else Path(checkpoint).parent / f"eval-{split}"
         if ctx.is_main:
             writable_dir(out)  # before the evaluation, not after it
-        loader = build_loader(ds, batch_size, ctx=ctx, num_workers=workers, pin_memory=True)
+        loader = build_loader(ds, batch_size, rank=ctx.rank, world_size=ctx.world_size, num_workers=workers,
+                              pin_memory=ctx.device.type == "cuda")
         task = ClassificationTask(model, None, ds, num_classes=model.num_classes, class_names=names)
         model.to(ctx.device)
         res = evaluate(model, loader, task, ctx=ctx, amp=amp, strict=strict, progress=progress,

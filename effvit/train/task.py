@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from .data import skip_collate
+from effvit.data import skip_collate
 
 
 def batch_size_of(targets: Any) -> int:

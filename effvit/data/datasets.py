@@ -1,9 +1,7 @@
-"""Data: image folders (ImageNet layout), Fashion-MNIST's IDX files, samplers, loaders.
+"""Datasets: image folders (ImageNet layout), loose image files, Fashion-MNIST's IDX files.
 
-A dataset item is ``(image, target)``; an image that cannot be decoded comes back as an ``Unreadable``
-marker instead of raising inside a loader worker, and ``skip_collate`` drops it from the batch and passes
-its name on (a batch is then ``(inputs, targets, skipped_names)``), so the engine can count, report or,
-under ``strict``, stop with the file's name.
+An item is ``(image, target)``; an image that cannot be decoded comes back as an ``Unreadable`` marker
+instead of raising inside a loader worker (``effvit.data.loaders.skip_collate`` takes it out of the batch).
 """
 
 from __future__ import annotations
@@ -12,43 +10,20 @@ import gzip
 import math
 import os
 import struct
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
-from timm.data.distributed_sampler import RepeatAugSampler
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, default_collate
+from torch.utils.data import Dataset
 
-from effvit.images import IMG_EXTENSIONS, note_first_frame, to_mode
-from effvit.images import list_images as list_images  # where predict and calibration import it from
-
-from .distributed import DistContext
+from .images import IMG_EXTENSIONS, Unreadable, load_image
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
                          "Bag", "Ankle boot")
 # per-channel statistics of the Fashion-MNIST training images (grey, so one value; repeated for RGB)
 FASHION_MNIST_MEAN, FASHION_MNIST_STD = 0.2860, 0.3530
-
-
-@dataclass(frozen=True)
-class Unreadable:
-    """Stands in for a sample whose file could not be decoded."""
-
-    name: str
-    error: str
-
-
-def load_image(path: str | Path, mode: str = "RGB") -> Image.Image:
-    """Decode fully (PIL is lazy: truncated files only fail on load) and convert to ``mode``: 16-bit and
-    float images scaled from their range, the first frame of an animation (``effvit.images``)."""
-    with Image.open(path) as img:
-        note_first_frame(img, path)
-        img.load()
-        return to_mode(img, mode)
 
 
 # -- image folders ---------------------------------------------------------------------------------
@@ -182,80 +157,3 @@ class FashionMNIST(Dataset):
         if self.mode != "L":
             img = img.convert(self.mode)
         return (self.transform(img) if self.transform else img), int(self.targets[index])
-
-
-# -- batching --------------------------------------------------------------------------------------
-def skip_collate(batch: list):
-    """Default collation minus unreadable samples; their names ride along as a third element."""
-    good = [b for b in batch if not isinstance(b, Unreadable)]
-    bad = [f"{b.name} ({b.error})" for b in batch if isinstance(b, Unreadable)]
-    if good:
-        inputs, targets = default_collate(good)
-    else:
-        inputs, targets = torch.empty(0), torch.empty(0, dtype=torch.long)
-    return (inputs, targets, bad) if bad else (inputs, targets)
-
-
-class ShardSampler(Sampler[int]):
-    """Evaluation: rank r takes items r, r + W, r + 2W, ... with no padding, so every item counts once."""
-
-    def __init__(self, length: int, rank: int = 0, world_size: int = 1):
-        self.indices = list(range(rank, length, world_size))
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-
-class EpochSampler(Sampler[int]):
-    """Wraps the epoch-seeded training sampler: keeps a fraction of each epoch."""
-
-    def __init__(self, sampler: Sampler, fraction: float = 1.0):
-        self.sampler = sampler
-        self.fraction = fraction
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-        if hasattr(self.sampler, "set_epoch"):
-            self.sampler.set_epoch(epoch)
-
-    def __len__(self) -> int:
-        return max(1, int(len(self.sampler) * self.fraction))
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(list(self.sampler)[: len(self)])
-
-
-def build_train_sampler(dataset: Dataset, ctx: DistContext, seed: int, repeated_aug: int = 1,
-                        fraction: float = 1.0) -> EpochSampler:
-    """Shuffled per epoch from (seed, epoch) alone, so a resumed run draws the same order; sharded over
-    ranks; with ``repeated_aug`` > 1 timm's RepeatAugSampler (DeiT) spreads copies over ranks."""
-    if repeated_aug > 1:
-        base: Sampler = RepeatAugSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,
-                                         num_repeats=repeated_aug)
-    else:
-        base = DistributedSampler(dataset, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True,
-                                  seed=seed)
-    return EpochSampler(base, fraction)
-
-
-def _seed_worker(worker_id: int) -> None:
-    # torch seeds `random` and torch per worker from the loader's base seed; numpy too since 1.9, but
-    # make it explicit so RandAugment's numpy draws are reproducible on any version.
-    np.random.seed(torch.initial_seed() % 2**32)
-
-
-def build_loader(dataset: Dataset, batch_size: int, *, sampler: Sampler | None = None, train: bool = False,
-                 ctx: DistContext | None = None, num_workers: int = 0, pin_memory: bool = False,
-                 collate_fn=skip_collate) -> DataLoader:
-    """A DataLoader; without a sampler, eval sharding over ranks (no padding)."""
-    ctx = ctx or DistContext()
-    if sampler is None:
-        sampler = ShardSampler(len(dataset), ctx.rank, ctx.world_size)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
-                      pin_memory=pin_memory and ctx.device.type == "cuda",
-                      drop_last=train and len(sampler) >= batch_size,  # no ragged last step, unless tiny
-                      collate_fn=collate_fn, worker_init_fn=_seed_worker, persistent_workers=False)
