@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from effvit.rotation.data import FolderImages, RotatedImages, list_images
-from effvit.rotation.evaluate import evaluate_rotation, write_report
+from effvit.rotation.evaluation import evaluate_rotation, write_report
 from effvit.rotation.model import RotationModel, save_rotation_model
 
 WINDOW = (-45.0, 45.0)

@@ -120,13 +120,13 @@ def test_straighten_checks_its_output_folder_before_any_work(tmp_path):
 
 
 def test_rotation_eval_and_predict_check_their_outputs_first(classifier, tmp_path, capsys, monkeypatch):
-    import effvit.rotation.evaluate
+    import effvit.rotation.evaluation
     from effvit.rotation.model import RotationModel, save_rotation_model
 
     Image.new("RGB", (40, 30)).save(tmp_path / "a.png")
     (tmp_path / "taken").write_text("a file where the output folder should go")
     rot = save_rotation_model(RotationModel("m0", "cgd", img_size=32), tmp_path / "rot.safetensors")
-    monkeypatch.setattr(effvit.rotation.evaluate, "evaluate_rotation", lambda *a, **kw: pytest.fail("evaluated"))
+    monkeypatch.setattr(effvit.rotation.evaluation, "evaluate_rotation", lambda *a, **kw: pytest.fail("evaluated"))
     assert main(["rotation", "eval", "--checkpoint", str(rot), "--data", str(tmp_path / "a.png"), "--out",
                  str(tmp_path / "taken" / "report")]) == 2
     assert "cannot write to the output folder" in capsys.readouterr().err

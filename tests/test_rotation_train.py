@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from effvit.rotation.task import RotationSettings, RotationTask, load_rotation_config, split_indices
+from effvit.train.rotation import RotationSettings, RotationTask, load_rotation_config, split_indices
 
 PHOTOS = ("astronaut", "camera", "coffee", "chelsea", "rocket", "clock")
 
@@ -43,10 +43,9 @@ def test_tiny_training_on_photos_learns(photo_dir, tmp_path):
     """Full circle, UV head, six real photos at fresh angles (~90 steps on the engine): the error on the
     same photos at other, fixed angles falls far below the 90 degrees MAE of chance (memorising the
     photos is fine here; generalisation is the benchmark's job)."""
-    from effvit.rotation.export import export_best
     from effvit.rotation.model import load_rotation_model
-    from effvit.rotation.task import build_rotation_task
     from effvit.train import seed_everything, train
+    from effvit.train.rotation import build_rotation_task, export_best
 
     cfg = tiny_config(photo_dir, tmp_path, method="uv", angle_range="[0, 360]")
     seed_everything(0)
@@ -165,7 +164,7 @@ def test_eval_command_writes_report(photo_dir, tmp_path, capsys):
 
 
 def test_build_test_set_takes_plain_arguments(photo_dir):
-    from effvit.rotation.evaluate import build_test_set
+    from effvit.rotation.evaluation import build_test_set
     from effvit.rotation.model import RotationModel
 
     model = RotationModel("m0", "cgd", img_size=32, angle_range=(-45, 45))
@@ -183,7 +182,7 @@ def test_build_test_set_takes_plain_arguments(photo_dir):
 
 @pytest.mark.slow
 def test_evaluate_rotation_checkpoint_measures_then_saves(photo_dir, tmp_path):
-    from effvit.rotation.evaluate import evaluate_rotation_checkpoint, save_rotation_evaluation
+    from effvit.rotation.evaluation import evaluate_rotation_checkpoint, save_rotation_evaluation
     from effvit.rotation.model import RotationModel, save_rotation_model
 
     model = RotationModel("m0", "uv", img_size=32, angle_range=(-30, 30))

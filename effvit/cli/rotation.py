@@ -16,19 +16,18 @@ import json
 import sys
 
 from effvit.cli.options import add_run_options
-from effvit.rotation.evaluate import (
+from effvit.rotation.evaluation import (
     TRAINED_WINDOW,
     evaluate_rotation_checkpoint,
     save_rotation_evaluation,
     summary_lines,
 )
-from effvit.rotation.export import export_best
 from effvit.rotation.model import load_rotation_model, save_rotation_model
 from effvit.rotation.straighten import parse_range
-from effvit.rotation.task import build_rotation_task, load_rotation_config
 from effvit.train import launch
 from effvit.train.checkpoint import load_training_state
 from effvit.train.config import flag_values
+from effvit.train.rotation import build_rotation_task, export_best, load_rotation_config
 
 SHORTCUTS = {  # flag -> config key
     "model": "model.name", "method": "task.method", "data": "data.root", "dataset": "data.dataset",

@@ -5,7 +5,10 @@
 - ``metrics``: circular error, MAE / median / RMSE / P90 / P95 / acc@k / AUC@k
 - ``data``: upright image sources (folders with EXIF, Fashion-MNIST) -> rotated training/test samples
 - ``model``: backbone (effvit or timm) + head, ``predict``, self-describing .safetensors files
+- ``evaluation``: a rotation model on rotated test images, the report and its plots
 - ``straighten``: estimate and undo the tilt of photo files
+
+Training a rotation model is a task of the training engine: ``effvit.train.rotation``.
 """
 
 from .geometry import keep_aspect_rect, max_area_rect, rotate_crop

@@ -4,7 +4,7 @@ The engine reads five sections, whose defaults are neutral (no recipe hides in t
 loader (``LoaderConfig``: batch size, workers, repeated augmentation...), ``optim``, ``sched``, ``ema`` and
 ``run``. A task's config is a dataclass deriving from ``Config`` that declares these and its own sections,
 in the order they print: ``ClassificationConfig`` (effvit.train.classification) adds ``model``, the data
-source fields of ``data``, ``aug`` and ``distill``; ``RotationConfig`` (effvit.rotation.task) ``model`` and
+source fields of ``data``, ``aug`` and ``distill``; ``RotationConfig`` (effvit.train.rotation) ``model`` and
 ``task``. ``EngineConfig`` holds the engine's sections alone (a custom ``Task`` with no settings of its own).
 
 Recipes are data (effvit/configs/*.yaml). A recipe may start from another with ``base: NAME`` (a shipped

@@ -1,6 +1,6 @@
 """Rotation estimation as a ``Task`` of the training engine: model, data, loss and circular metrics.
 
-The engine (``effvit.train``) owns the loop: optimizer, schedule, checkpoints, resume, torchrun, logs.
+The engine (``effvit.train.engine``) owns the loop: optimizer, schedule, checkpoints, resume, torchrun, logs.
 This module says what is learned, and declares its settings (``RotationConfig``): the engine's sections,
 ``model`` (the backbone: ``name`` is an effvit variant or ``timm/<name>``), ``data`` (where the upright
 images are, and the loader) and ``task`` (``RotationSettings``: head, angles, augmentation). Settings it
@@ -14,6 +14,7 @@ them exactly from every prediction).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,8 +23,13 @@ import torch
 
 from effvit.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD
 from effvit.data import list_images as list_image_files
-from effvit.train import Task
-from effvit.train.config import (
+from effvit.models.weights import read_checkpoint
+from effvit.rotation.data import FolderImages, RotatedImages, Subset, fashion_mnist
+from effvit.rotation.methods import get_method
+from effvit.rotation.metrics import THRESHOLDS, circular_error
+from effvit.rotation.model import RotationModel, save_rotation_model
+
+from .config import (
     Config,
     EmaConfig,
     LoaderConfig,
@@ -32,11 +38,8 @@ from effvit.train.config import (
     SchedConfig,
     load_config,
 )
-
-from .data import FolderImages, RotatedImages, Subset, fashion_mnist
-from .methods import get_method
-from .metrics import THRESHOLDS, circular_error
-from .model import RotationModel
+from .engine import TrainResult
+from .task import Task
 
 HIST_BIN = 0.05  # degrees per histogram bin of the validation errors
 HIST_BINS = int(180 / HIST_BIN)
@@ -238,3 +241,17 @@ def build_rotation_task(cfg: RotationConfig, log=print) -> RotationTask:
 def plain(d: dict) -> dict:
     """Tuples to lists: checkpoints hold plain data only (they load with weights_only=True)."""
     return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+
+def export_best(result: TrainResult, task: RotationTask, log: Callable[[str], object] = print) -> Path | None:
+    """best.safetensors beside the run's best.pth (the model with its settings and best metrics); None
+    when the run saved no best checkpoint. Moves ``task.model`` to the CPU."""
+    if not Path(result.best_checkpoint).is_file():
+        return None
+    sd, meta = read_checkpoint(result.best_checkpoint)
+    model = task.model.cpu()
+    model.load_state_dict(sd)
+    path = save_rotation_model(model, Path(result.output_dir) / "best.safetensors",
+                               extra={"settings": meta.get("settings"), "best": result.best})
+    log(f"exported {path}")
+    return path
