@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
-# Everything a lent GPU is for, in one call of at most 8 minutes (a session has 15 minutes of device time
-# and a fresh machine takes a minute or two to start). Parts run in order of importance, each under its
-# own time limit, cut to what is left of the budget, with its own log, so a part that fails or overruns
+# The GPU checks and benchmarks in one run with a time budget (default 8 minutes). Parts run in order
+# of importance, each under its own time limit, cut to what is left of the budget, with its own log, so a part that fails or overruns
 # leaves the others theirs; a part that no longer fits is skipped and says so:
 #   bisect     the fused-model fault at batch 2048 (benchmarks/gpu_bisect: first wrong op call, flag sweep)
 #   tests      the CUDA tests (fused-model parity at the paper batch) and the Triton kernel's tests on CUDA
@@ -13,13 +12,12 @@
 #   bench_fp16 / bench_bf16   `effvit bench --device cuda --vs timm`, batch 2048, every variant
 #   forms      the all-forms table for M0 and M4
 #
-#   bash benchmarks/gpu_session.sh OUT                        # device: bash benchmarks/gpu_session.sh $OUT
-#   PARTS="tests bench_fp16" bash benchmarks/gpu_session.sh OUT   # a later, shorter call (after a fix)
-#   BUDGET=470 (seconds, default) caps the whole script: call it with timeout_s 540. The machine stays
-#   warm only briefly after a call; a second call later pays a fresh start (minutes) out of the 15.
+#   bash benchmarks/gpu_session.sh OUT
+#   PARTS="tests bench_fp16" bash benchmarks/gpu_session.sh OUT   # only some parts
+#   BUDGET=470 (seconds, default) caps the whole script.
 #
-# A device call returns at most 8 files from OUT, so the logs are written outside it and packed into
-# OUT/logs.tgz after every part; OUT/summary.txt is the short table printed last.
+# The logs are packed into OUT/logs.tgz after every part (so a run cut short keeps what it did);
+# OUT/summary.txt is the short table printed last.
 # Uses the machine's own python3 (PyTorch, Triton, timm, pytest); this checkout is put on PYTHONPATH.
 set -u
 out=${1:?usage: gpu_session.sh OUT}
