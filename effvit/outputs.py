@@ -4,9 +4,11 @@ whole or not at all."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 
@@ -39,6 +41,21 @@ def writable_file(path: str | Path, flag: str = "--output") -> Path:
         except OSError as e:
             raise OSError(f"cannot write {path} ({e.strerror or e}): choose another file with {flag}") from None
     return path
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary name beside ``path`` to write to; it replaces ``path`` when the block ends without an
+    error and is removed otherwise, so ``path`` is either the old file or the complete new one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # a plain name: the file gets the umask's mode
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def write_csv(rows: Sequence[dict], path: Path) -> None:

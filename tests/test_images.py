@@ -4,6 +4,7 @@ network sees them scaled from their range, outputs keep their mode and bit depth
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -13,7 +14,8 @@ from PIL import Image
 from test_rotation_model import constant_model
 
 from effvit.cli import main
-from effvit.rotation.straighten import straighten_files
+from effvit.rotation.decision import DecisionRule
+from effvit.rotation.straighten import StraightenOptions, straighten_files
 
 
 def _photo16() -> np.ndarray:
@@ -56,8 +58,9 @@ def test_16bit_png_through_straighten_with_the_photo_model(tmp_path):
     Image.fromarray(arr).save(tmp_path / "in" / "deep.png")
     Image.fromarray(np.rint(arr / 257.0).astype(np.uint8)).save(tmp_path / "in" / "flat.png")
     assert Image.open(tmp_path / "in" / "deep.png").mode == "I;16"
+    always = StraightenOptions(window=(-45, 45), rule=DecisionRule.always(min_angle=0.0))  # the write path
     res = {r.path.split("/")[-1]: r for r in straighten_files([tmp_path / "in"], tmp_path / "out",
-                                                                load_rotation_model())}
+                                                                load_rotation_model(), always)}
     deep, flat = res["deep.png"], res["flat.png"]
     assert deep.action == flat.action == "rotated"
     assert deep.angle == pytest.approx(flat.angle, abs=1e-3) and deep.confidence == pytest.approx(flat.confidence)
@@ -67,7 +70,8 @@ def test_16bit_png_through_straighten_with_the_photo_model(tmp_path):
     assert out16.max() > 50000 and np.abs(out16 / 257.0 - out8).mean() < 1.0
     # the test-time augmentation and line refinement see the same scaled pixels
     res = {r.path.split("/")[-1]: r for r in straighten_files([tmp_path / "in"], None, load_rotation_model(),
-                                                                dry_run=True, tta="full", lines=True)}
+                                                                replace(always, tta="full", lines=True),
+                                                                dry_run=True)}
     assert res["deep.png"].angle == pytest.approx(res["flat.png"].angle, abs=1e-3)
     assert res["deep.png"].confidence == pytest.approx(res["flat.png"].confidence)
 
@@ -86,7 +90,8 @@ def test_float_cmyk_animated_and_deep_colour_images_in_straighten(tmp_path):
     frames[0].save(src / "pages.tif", save_all=True, append_images=frames[1:])
     model = constant_model(10.0)
     seen = _recording(model)
-    res = {r.path.split("/")[-1]: r for r in straighten_files([src], tmp_path / "out", model, crop="none")}
+    res = {r.path.split("/")[-1]: r for r in straighten_files([src], tmp_path / "out", model,
+                                                                StraightenOptions(crop="none"))}
     inputs = dict(zip(sorted(p.name for p in src.iterdir() if p.name not in ("deep_rgb.png", "pages.tif")),
                       seen, strict=False))
     assert torch.equal(inputs["float.tif"], inputs["float8.png"])  # seen in [0, 1], not clipped to black

@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+from effvit.rotation.decision import DecisionRule
 from effvit.rotation.methods import METHODS, get_method, wrap180
 from effvit.rotation.model import (
     RotationModel,
@@ -15,7 +16,13 @@ from effvit.rotation.model import (
     read_rotation_config,
     save_rotation_model,
 )
-from effvit.rotation.straighten import parse_range, plan_outputs, straighten_files, straighten_image
+from effvit.rotation.straighten import (
+    StraightenOptions,
+    parse_range,
+    plan_outputs,
+    straighten_files,
+    straighten_image,
+)
 
 
 @pytest.mark.parametrize("name", list(METHODS))
@@ -172,16 +179,17 @@ def test_straighten_min_confidence_dry_run_and_safety(tmp_path):
     write_photos(tmp_path / "in")
     (tmp_path / "in" / "broken.jpg").unlink()
     results = straighten_files([tmp_path / "in" / "a.jpg"], tmp_path / "out", constant_model(10.0, 0.4),
-                               min_confidence=0.5)
-    assert results[0].action == "unchanged (low confidence)"
+                               StraightenOptions(rule=DecisionRule(min_confidence=0.5)))
+    assert results[0].action == "kept" and results[0].reason == "kept: confidence 0.40 < 0.5"
     assert (tmp_path / "out" / "a.jpg").read_bytes() == (tmp_path / "in" / "a.jpg").read_bytes()
     seen = []
     results = straighten_files([tmp_path / "in"], tmp_path / "dry", constant_model(-3.0), dry_run=True,
                                on_result=seen.append)
     assert len(seen) == 3 and not (tmp_path / "dry").exists()
     assert json.dumps([r.to_dict() for r in results])  # the --json output
-    res = straighten_files([tmp_path / "in" / "a.jpg"], tmp_path / "o2", constant_model(-3.0), min_angle=5)
-    assert res[0].action == "unchanged (below min angle)"
+    res = straighten_files([tmp_path / "in" / "a.jpg"], tmp_path / "o2", constant_model(-3.0),
+                           StraightenOptions(rule=DecisionRule(min_angle=5)))
+    assert res[0].action == "kept" and res[0].reason == "kept: tilt 3.00 deg < min angle 5"
     with pytest.raises(ValueError, match="overwritten"):
         plan_outputs([tmp_path / "in"], tmp_path / "in")
     (tmp_path / "other").mkdir()
@@ -332,9 +340,11 @@ def test_straighten_files_tta_and_lines(tmp_path):
 
     (tmp_path / "in").mkdir()
     rotate_crop(line_grid(), 12.6, "max_area").save(tmp_path / "in" / "grid.png")
-    (res,) = straighten_files([tmp_path / "in"], None, constant_model(11.0), dry_run=True, lines=True)
+    (res,) = straighten_files([tmp_path / "in"], None, constant_model(11.0), StraightenOptions(lines=True),
+                              dry_run=True)
     assert res.angle == pytest.approx(12.6, abs=0.7)
-    (res,) = straighten_files([tmp_path / "in"], None, constant_model(11.0), dry_run=True, tta="flip")
+    (res,) = straighten_files([tmp_path / "in"], None, constant_model(11.0), StraightenOptions(tta="flip"),
+                              dry_run=True)
     assert res.angle == pytest.approx(0.0, abs=1e-3)
     with pytest.raises(ValueError, match="tta"):
-        straighten_files([tmp_path / "in"], None, constant_model(11.0), dry_run=True, tta="all")
+        StraightenOptions(tta="all")

@@ -5,7 +5,11 @@ rotates by -theta. Files are written under an output folder, never over their in
 mode and bit depth (16-bit and float images are rotated in float; every frame of an animation by the
 same angle); JPEGs keep their quantisation tables (so their quality), chroma subsampling, EXIF
 (orientation reset) and ICC profile. What cannot be written back without loss (16-bit colour, multi-page
-TIFF) is refused for that file. A photo whose confidence is under ``min_confidence`` is copied unchanged.
+TIFF) is refused for that file. Whether a photo is turned is decided by a ``DecisionRule``
+(``effvit.rotation.decision``): a photo it keeps is copied unchanged, with the reason.
+
+``straighten_photo`` is the whole job for one image in memory (estimate, decision, corrected image), for
+callers that are not folders of files; ``straighten_files`` does it for files and folders.
 """
 
 from __future__ import annotations
@@ -19,10 +23,12 @@ import numpy as np
 import torch
 from PIL import Image, ImageColor, ImageOps, JpegImagePlugin
 
+from effvit.data import list_images, resize_short
 from effvit.data.images import decoded_at_fewer_bits, frame_count, is_high_bit, to_mode, value_range
-from effvit.outputs import writable_dir
+from effvit.outputs import atomic_path, writable_dir
 
-from .data import list_images, resize_short, to_tensor
+from .data import to_tensor
+from .decision import ROTATED, DecisionRule
 from .geometry import CROPS, rotate_crop
 from .lines import into_window, refine_with_lines
 from .methods import wrap180
@@ -41,12 +47,49 @@ class Result:
     path: str
     angle: float | None = None  # estimated counter-clockwise tilt, degrees in [-180, 180)
     confidence: float | None = None
-    action: str = ""  # 'rotated', 'unchanged (low confidence)', 'unchanged (below min angle)', 'error'
+    action: str = ""  # 'rotated', 'kept' or 'error'
+    reason: str = ""  # why: 'kept: confidence 0.62 < 0.85'
     output: str | None = None
     error: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class StraightenOptions:
+    """How photos are estimated, judged and corrected. ``window``: the answer's range in signed degrees
+    (None: the full circle); ``rule``: None takes the model's recommended rule
+    (``DecisionRule.for_model``); ``tta``: a key of ``TTA``; ``lines``: refine on dominant line directions;
+    ``crop`` and ``fill``: as ``straighten_image``."""
+
+    window: tuple[float, float] | None = None
+    crop: str = "max_area"
+    fill: str | None = None
+    tta: str = "none"
+    lines: bool = False
+    rule: DecisionRule | None = None
+
+    def __post_init__(self):
+        if self.tta not in TTA:
+            raise ValueError(f"tta must be one of {', '.join(TTA)}, got {self.tta!r}")
+        if self.crop not in CROPS or self.crop == "same":
+            raise ValueError(f"crop must be max_area, keep_aspect or none, got {self.crop!r}")
+
+    def rule_for(self, model: RotationModel) -> DecisionRule:
+        return self.rule if self.rule is not None else DecisionRule.for_model(model.config)
+
+
+@dataclass
+class Straightened:
+    """One photo's outcome: the estimate, what was done and why, and the image to show or save (the
+    corrected one when rotated, the upright input when kept)."""
+
+    angle: float
+    confidence: float
+    action: str
+    reason: str
+    image: Image.Image
 
 
 def parse_range(spec: str | None) -> tuple[float, float] | None:
@@ -191,6 +234,25 @@ def straighten_image(img: Image.Image, angle: float, crop: str = "max_area",
     return rotate_crop(img, -angle, crop, resample=Image.Resampling.BICUBIC, fill=fill_value)
 
 
+def judge(model: RotationModel, upright: Image.Image, options: StraightenOptions) -> tuple[float, float, str, str]:
+    """(tilt, confidence, action, reason) for an upright (EXIF-applied) image."""
+    (angle, confidence), = estimate(model, [upright], options.window, lines=options.lines, **TTA[options.tta])
+    decision = options.rule_for(model).decide(angle, confidence, upright.size, options.crop)
+    return angle, confidence, decision.action, decision.reason
+
+
+def straighten_photo(img: Image.Image, model: RotationModel,
+                     options: StraightenOptions | None = None) -> Straightened:
+    """Estimate one image's tilt, decide by ``options.rule`` and return the outcome with the corrected
+    image (or the upright input when kept). EXIF orientation is applied first; the input is not
+    modified. Animated images: the first frame only (``straighten_files`` turns every frame)."""
+    options = options or StraightenOptions(window=model.trained_range)
+    upright = ImageOps.exif_transpose(img)
+    angle, confidence, action, reason = judge(model, upright, options)
+    out = straighten_image(upright, angle, options.crop, options.fill) if action == ROTATED else upright
+    return Straightened(angle, confidence, action, reason, out)
+
+
 def save_like(img: Image.Image | Sequence[Image.Image], src: Image.Image, path: Path,
               quality: int | None = None) -> None:
     """Save ``img`` (or the frames of an animation) in ``src``'s format, mode and bit depth, keeping what
@@ -233,7 +295,8 @@ def save_like(img: Image.Image | Sequence[Image.Image], src: Image.Image, path: 
         kw.update(save_all=True, append_images=frames[1:], loop=src.info.get("loop", 0),
                   duration=[f.info.get("duration") or 100 for f in frames])
     path.parent.mkdir(parents=True, exist_ok=True)
-    img.save(path, format=fmt, **kw)
+    with atomic_path(path) as tmp:  # a crash or a full disk leaves no half-written photo
+        img.save(tmp, format=fmt, **kw)
 
 
 def plan_outputs(inputs: Sequence[str | Path], out_dir: str | Path) -> list[tuple[Path, Path]]:
@@ -258,14 +321,12 @@ def plan_outputs(inputs: Sequence[str | Path], out_dir: str | Path) -> list[tupl
 
 
 def straighten_files(inputs: Sequence[str | Path], out_dir: str | Path | None, model: RotationModel,
-                     window: tuple[float, float] | None = None, crop: str = "max_area",
-                     min_confidence: float = 0.0, min_angle: float = 0.0, fill: str | None = None,
-                     quality: int | None = None, dry_run: bool = False, tta: str = "none", lines: bool = False,
-                     on_result=None) -> list[Result]:
-    """Estimate and (unless ``dry_run``) write each image; unreadable files are reported and skipped.
-    ``tta``: a key of ``TTA``; ``lines``: refine on dominant line directions (see ``estimate``)."""
-    if tta not in TTA:
-        raise ValueError(f"tta must be one of {', '.join(TTA)}, got {tta!r}")
+                     options: StraightenOptions | None = None, quality: int | None = None,
+                     dry_run: bool = False, on_result=None) -> list[Result]:
+    """Estimate, decide and (unless ``dry_run``) write each image: rotated ones corrected, kept ones copied
+    byte for byte; unreadable files are reported and skipped. ``options``: default the model's own
+    window and rule, no test-time augmentation, no lines."""
+    options = options or StraightenOptions(window=model.trained_range)
     if out_dir is None and not dry_run:
         raise ValueError("give an output folder (--out DIR), or use --dry-run to only print the angles")
     pairs = plan_outputs(inputs, out_dir or ".")
@@ -279,23 +340,20 @@ def straighten_files(inputs: Sequence[str | Path], out_dir: str | Path | None, m
             src, upright = open_upright(src_path)
             if not dry_run:
                 check_writable_like(src_path, src)
-            (res.angle, res.confidence), = estimate(model, [upright], window, lines=lines, **TTA[tta])
-            if res.confidence < min_confidence:
-                res.action = "unchanged (low confidence)"
-            elif abs(res.angle) < min_angle:
-                res.action = "unchanged (below min angle)"
-            else:
-                res.action = "rotated"
+            res.angle, res.confidence, res.action, res.reason = judge(model, upright, options)
             if not dry_run:
                 res.output = str(dst)
-                if res.action == "rotated":
+                if res.action == ROTATED:
                     frames = upright_frames(src) if frame_count(src) > 1 else [upright]
-                    save_like([straighten_image(f, res.angle, crop, fill) for f in frames], src, dst, quality)
+                    save_like([straighten_image(f, res.angle, options.crop, options.fill) for f in frames],
+                              src, dst, quality)
                 else:
                     dst.parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copy2(src_path, dst)  # untouched: the original bytes
+                    with atomic_path(dst) as tmp:
+                        shutil.copy2(src_path, tmp)  # untouched: the original bytes
         except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
             res.action, res.error = "error", f"{type(e).__name__}: {e}"
+            res.reason = f"unreadable: {res.error}"
         results.append(res)
         if on_result is not None:
             on_result(res)
