@@ -135,7 +135,8 @@ def test_pool_from_a_fake_package_tree(tmp_path):
     assert big["license"] == "CC-BY-SA-4.0" and big["author"] == "2019, Ansel Photographer <ansel@example.org>"
     assert by_path["pkg/data/own.png"]["license"] == "BSD-3-Clause"
     assert by_path["pkg/data/own.png"]["author"] == "The Pkg Team"
-    assert by_path["package/fixtures/cat.jpg"]["license"] == "MIT" and by_path["package/fixtures/cat.jpg"]["author"] == "N. P. M."
+    cat = by_path["package/fixtures/cat.jpg"]
+    assert cat["license"] == "MIT" and cat["author"] == "N. P. M."
     for r in rows:  # each file written where the manifest says, upright, at most short_side short
         img = Image.open(out / r["file"])
         assert r["file"].startswith(r["split"] + "/") and min(img.size) == 256 == min(int(r["width"]),
