@@ -26,7 +26,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-__all__ = ["KernelUnavailable", "SOURCES", "available", "build_extension", "cache_dir", "extension_path", "find_compiler"]
+__all__ = ["KernelUnavailable", "SOURCES", "available", "build_extension", "cache_dir", "extension_path",
+           "find_compiler"]
 
 SOURCES = Path(__file__).parent
 _FILES = ("CMakeLists.txt", "window_attention.hpp", "window_attention.cpp", "openvino_extension.cpp")

@@ -59,8 +59,8 @@ class KernelWindowAttention(nn.Module):
         self.skip = block.skip
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _WindowAttentionNode.apply(self.block(x), x, self.qkv_w, self.qkv_b, self.q_w, self.q_b, self.table, self.proj_w,
-                                          self.proj_b, self.window, list(self.kernels), self.skip)
+        return _WindowAttentionNode.apply(self.block(x), x, self.qkv_w, self.qkv_b, self.q_w, self.q_b, self.table,
+                                          self.proj_w, self.proj_b, self.window, list(self.kernels), self.skip)
 
 
 def with_kernel_attention(fused: nn.Module) -> nn.Module:

@@ -1,8 +1,10 @@
 // OpenVINO extension: the op effvit.WindowAttention (opset "effvit") running window_attention.cpp, for
 // IR files and for ONNX files whose node is in the ONNX domain "effvit". Load it with
 // ov.Core().add_extension(path) (effvit.kernels.cpu.extension_path() builds it).
-#include <tbb/blocked_range.h>
 #include <tbb/parallel_for.h>
+#include <tbb/task_arena.h>
+
+#include <algorithm>
 
 #include <openvino/core/extension.hpp>
 #include <openvino/core/op_extension.hpp>
@@ -85,9 +87,16 @@ public:
         std::vector<float> bias(a.heads * g.tokens() * g.padded());
         window_bias(a, bias.data());
         const int64_t items = work_items(a);
-        // the caller's arena: OpenVINO's CPU plugin runs inference in one of INFERENCE_NUM_THREADS threads
-        tbb::parallel_for(tbb::blocked_range<int64_t>(0, items, 1), [&](const tbb::blocked_range<int64_t>& r) {
-            run_windows(a, bias.data(), r.begin(), r.end());
+        const int threads = tbb::this_task_arena::max_concurrency();
+        if (threads <= 1 || items <= 1) {
+            run_windows(a, bias.data(), 0, items);
+            return true;
+        }
+        // the caller's arena: OpenVINO's CPU plugin runs inference in INFERENCE_NUM_THREADS threads; one
+        // contiguous share of the windows per thread
+        const int64_t parts = std::min<int64_t>(threads, items);
+        tbb::parallel_for(int64_t(0), parts, [&](int64_t p) {
+            run_windows(a, bias.data(), items * p / parts, items * (p + 1) / parts);
         });
         return true;
     }
