@@ -17,7 +17,7 @@ FASHION_MNIST := /usr/share/datasets/fashion-mnist
 # pytest workers; each gets one BLAS thread so two workers use the two cores without oversubscription
 JOBS ?= 2
 
-.PHONY: install data test test-fast demo lint clean
+.PHONY: install data kernels test test-fast demo lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,11 +34,19 @@ data:
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist; }
 
-test: install data
+# effvit's C++ attention kernel for OpenVINO (effvit/kernels/cpu), built from source with the machine's g++ and
+# cmake (installed from Debian where missing); where that fails, a one-line notice and the standard graphs
+kernels: install
+	@{ command -v $${CXX:-c++} && command -v cmake; } >/dev/null 2>&1 || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq g++ cmake; } || true
+	$(PY) -m effvit.kernels.cpu
+
+test: install data kernels
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(JOBS) --durations=15
 
 # the fast lane while working: every test not marked slow (multi-second end-to-end runs); CI runs `make test`
-test-fast: install data
+test-fast: install data kernels
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(JOBS) -m "not slow"
 
 # Fashion-MNIST end to end (effvit/cli/demo.py): train M0 from scratch, evaluate, predict, export, summary.

@@ -19,7 +19,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--img-size", type=int, nargs="+", default=None,
                    help="H [W] fixed in the export (default: the checkpoint's, else 224)")
     p.add_argument("--format", default="onnx,torchscript",
-                   help="comma-separated: onnx, torchscript, openvino (IR converted from the ONNX export)")
+                   help="comma-separated: onnx, torchscript, openvino (IR converted from the ONNX export), "
+                   "openvino-kernel (IR with effvit's C++ attention kernel, and the standard IR beside it)")
     p.add_argument("--out", default="exports", help="output folder")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 17)")
     p.add_argument("--dynamo", action="store_true", help="use the torch.export-based ONNX exporter")

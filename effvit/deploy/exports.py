@@ -13,15 +13,16 @@ from pathlib import Path
 from torch import nn
 
 from effvit.data import eval_transform
+from effvit.kernels.cpu import KernelUnavailable
 from effvit.models import create_model, load_model, resolve_models
 
 from .calibration import ImageSets, batches, image_sets
 from .cpuinfo import bf16_unit
 from .graph import export_onnx, export_torchscript
-from .openvino import export_openvino, openvino_predictor
+from .openvino import export_openvino, export_openvino_kernel, openvino_predictor
 from .quantize import Agreement, compare_predictions, export_int8, ort_predictor
 
-FORMATS = {"onnx": ".onnx", "torchscript": ".ts.pt", "openvino": ".xml"}
+FORMATS = {"onnx": ".onnx", "torchscript": ".ts.pt", "openvino": ".xml", "openvino-kernel": ".kernel.xml"}
 
 
 def check_formats(formats: Sequence[str]) -> list[str]:
@@ -69,9 +70,13 @@ def export_model(model: nn.Module, out_dir: str | Path, *, formats: Sequence[str
     """Export ``model`` into ``out_dir`` as NAME_HxW.<format>; ``on_result`` sees each result as it is done.
 
     The int8 form (and the OpenVINO IR) is converted from the ONNX export; when ONNX itself is not asked
-    for, that input is written aside and removed, never over an existing export.
+    for, that input is written aside and removed, never over an existing export. ``openvino-kernel`` (the IR
+    with effvit's attention kernel) comes with the standard IR beside it; where the kernel's extension cannot
+    be built, its result says so in one line and the standard IR is the export.
     """
     formats = check_formats(formats)
+    if "openvino-kernel" in formats and "openvino" not in formats:
+        formats.insert(formats.index("openvino-kernel"), "openvino")
     size = model.img_size
     results: list[ExportResult] = []
 
@@ -92,7 +97,7 @@ def export_model(model: nn.Module, out_dir: str | Path, *, formats: Sequence[str
             out.mkdir(parents=True, exist_ok=True)
             aside = stack.enter_context(tempfile.TemporaryDirectory(dir=out, prefix=".export"))
             onnx_path = Path(aside) / onnx_path.name
-        for f in (["onnx"] if needs_onnx else []) + [f for f in formats if f != "openvino"]:
+        for f in (["onnx"] if needs_onnx else []) + [f for f in formats if not f.startswith("openvino")]:
             path = onnx_path if f == "onnx" else out / f"{stem}{FORMATS[f]}"
             if f == "onnx":
                 diff = export_onnx(model, path, size, opset=opset, dynamo=dynamo, verify=verify, atol=atol)
@@ -110,7 +115,24 @@ def export_model(model: nn.Module, out_dir: str | Path, *, formats: Sequence[str
             done(_export_int8(model, sets, onnx_path, int8_path, list(int8_ops), calib_method, min_agreement))
         if "openvino" in formats:
             _export_openvino(model, size, onnx_path, out / f"{stem}.xml", int8_path, sets, verify, atol, done)
+        if "openvino-kernel" in formats:
+            done(_export_openvino_kernel(model, size, out / f"{stem}{FORMATS['openvino-kernel']}", verify, atol))
     return results
+
+
+def _export_openvino_kernel(model: nn.Module, size: tuple[int, int], xml: Path, verify: bool,
+                            atol: float) -> ExportResult:
+    name = "openvino-kernel"
+    try:
+        diff = export_openvino_kernel(model, xml, size, verify=verify, atol=atol)
+    except KernelUnavailable as e:
+        reason = str(e).splitlines()[0]
+        return ExportResult(name, xml, [f"{name:<12} not written: {reason}; {xml.name.replace('.kernel', '')} is "
+                                        "the standard graph"], kept=False)
+    note = "not verified" if diff is None else f"verified with OpenVINO f32: max abs diff {diff:.2e}"
+    return ExportResult(name, xml, [f"{name:<12} {xml}  (effvit's attention kernel, fp32; {note}; dynamic batch, "
+                                    f"{size[0]}x{size[1]}; runs with effvit's OpenVINO extension)"],
+                        max_abs_diff=diff)
 
 
 def _export_int8(model: nn.Module, sets: ImageSets, onnx_path: Path, int8_path: Path, ops: list[str],

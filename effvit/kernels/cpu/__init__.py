@@ -93,10 +93,10 @@ def build_extension() -> Path:
                                 "pip install 'effvit[export]'") from None
     compiler, cmake = find_compiler(), shutil.which("cmake")
     if compiler is None or cmake is None:
-        missing = " and ".join(n for n, p in (("a C++ compiler", compiler), ("cmake", cmake)) if p is None)
+        missing = " and no ".join(n for n, p in (("C++ compiler", compiler), ("cmake", cmake)) if p is None)
         raise KernelUnavailable(f"effvit's OpenVINO extension is built from source and this machine has no "
-                                f"{missing}: install them (make kernels, or apt-get install g++ cmake) or "
-                                "use the standard graph")
+                                f"{missing} (CXX or c++/g++/clang++, cmake): install g++ and cmake (make kernels) "
+                                "or use the standard graph")
     ov_cmake = Path(openvino.__file__).parent / "cmake"
     if not (ov_cmake / "OpenVINOConfig.cmake").exists():
         raise KernelUnavailable(f"the openvino package has no C++ development files ({ov_cmake}): install "
