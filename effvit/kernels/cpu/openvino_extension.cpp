@@ -70,6 +70,8 @@ public:
                         " channels do not make the input's ", a.channels);
         OPENVINO_ASSERT(inputs[5].get_shape()[1] == static_cast<size_t>(m_window * m_window),
                         "WindowAttention: bias table of ", inputs[5].get_shape()[1], " entries for window ", m_window);
+        OPENVINO_ASSERT(a.key_dim > 0 && a.key_dim % 16 == 0, "WindowAttention: key_dim ", a.key_dim,
+                        " is not a multiple of 16");
         for (int64_t k : m_kernels)
             OPENVINO_ASSERT(k % 2 == 1 && k <= a.kmax, "WindowAttention: q kernel ", k, " is not odd and <= ", a.kmax);
         a.x = inputs[0].data<const float>();

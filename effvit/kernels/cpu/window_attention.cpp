@@ -50,15 +50,27 @@ inline vf vexp(vf x) {
     return x < lo ? vf{} : y;
 }
 
+// horizontal max and sum by halving: log2(16) vector steps, not 16 dependent scalar ones
+typedef float vf8 __attribute__((vector_size(8 * sizeof(float))));
+typedef float vf4 __attribute__((vector_size(4 * sizeof(float))));
+
+template <typename Op>
+inline float reduce(vf v, Op op) {
+    vf8 a, b;
+    std::memcpy(&a, &v, sizeof a);
+    std::memcpy(&b, reinterpret_cast<const char*>(&v) + sizeof a, sizeof b);
+    a = op(a, b);
+    vf4 c, d;
+    std::memcpy(&c, &a, sizeof c);
+    std::memcpy(&d, reinterpret_cast<const char*>(&a) + sizeof c, sizeof d);
+    c = op(c, d);
+    return op(op(c[0], c[1]), op(c[2], c[3]));
+}
 inline float hmax(vf v) {
-    float m = v[0];
-    for (int i = 1; i < L; ++i) m = std::max(m, v[i]);
-    return m;
+    return reduce(v, [](auto x, auto y) { return x > y ? x : y; });
 }
 inline float hsum(vf v) {
-    float s = 0;
-    for (int i = 0; i < L; ++i) s += v[i];
-    return s;
+    return reduce(v, [](auto x, auto y) { return x + y; });
 }
 
 // C[R x 16V] = A[R x k] B[k x 16V] (+ bias row) (+ add): a register tile.
@@ -126,39 +138,32 @@ void gemm(int64_t n, int64_t k, int64_t m, const float* A, int64_t lda, const fl
 }
 
 // Depthwise k x k conv (zero padding at the window's edges) of q, token-major (N, kd) with row stride ldq,
-// into Q (N, kd); w: (kmax, kmax, kd) with the k x k kernel centred.
+// into Q (N, kd); w: (kmax, kmax, kd) with the k x k kernel centred. q is first copied into a zero-bordered
+// grid (pad, kd a multiple of L) so that the taps need no bounds checks; each output row of up to 8
+// tokens accumulates in registers.
 void q_conv(const WindowGrid& g, int64_t kd, int64_t k, int64_t kmax, const float* q, int64_t ldq, const float* w,
-            const float* b, float* Q) {
+            const float* b, float* Q, std::vector<float>& pad) {
     const int64_t half = k / 2, off = (kmax - k) / 2;
+    const int64_t pw = g.ww + 2 * half + 8, ph = g.wh + 2 * half;  // 8 columns of slack for the last chunk
+    pad.assign(ph * pw * kd, 0.0f);
     for (int64_t y = 0; y < g.wh; ++y)
-        for (int64_t x = 0; x < g.ww; ++x) {
-            float* out = Q + (y * g.ww + x) * kd;
-            int64_t c = 0;
-            for (; c + L <= kd; c += L) {
-                vf acc = load(b + c);
-                for (int64_t dy = -half; dy <= half; ++dy) {
-                    const int64_t yy = y + dy;
-                    if (yy < 0 || yy >= g.wh) continue;
-                    for (int64_t dx = -half; dx <= half; ++dx) {
-                        const int64_t xx = x + dx;
-                        if (xx < 0 || xx >= g.ww) continue;
-                        acc += load(w + ((dy + half + off) * kmax + dx + half + off) * kd + c) *
-                               load(q + (yy * g.ww + xx) * ldq + c);
+        for (int64_t x = 0; x < g.ww; ++x)
+            std::memcpy(&pad[((y + half) * pw + x + half) * kd], q + (y * g.ww + x) * ldq, kd * sizeof(float));
+    for (int64_t c = 0; c < kd; c += L)
+        for (int64_t y = 0; y < g.wh; ++y)
+            for (int64_t x0 = 0; x0 < g.ww; x0 += 8) {
+                vf acc[8];
+                const vf bias = load(b + c);
+                for (int t = 0; t < 8; ++t) acc[t] = bias;
+                for (int64_t dy = 0; dy < k; ++dy)
+                    for (int64_t dx = 0; dx < k; ++dx) {
+                        const vf wv = load(w + ((dy + off) * kmax + dx + off) * kd + c);
+                        const float* src = &pad[((y + dy) * pw + x0 + dx) * kd + c];
+                        for (int t = 0; t < 8; ++t) acc[t] += wv * load(src + t * kd);
                     }
-                }
-                store(out + c, acc);
+                const int64_t cnt = std::min<int64_t>(8, g.ww - x0);
+                for (int64_t t = 0; t < cnt; ++t) store(Q + (y * g.ww + x0 + t) * kd + c, acc[t]);
             }
-            for (; c < kd; ++c) {
-                float acc = b[c];
-                for (int64_t dy = -half; dy <= half; ++dy)
-                    for (int64_t dx = -half; dx <= half; ++dx) {
-                        const int64_t yy = y + dy, xx = x + dx;
-                        if (yy < 0 || yy >= g.wh || xx < 0 || xx >= g.ww) continue;
-                        acc += w[((dy + half + off) * kmax + dx + half + off) * kd + c] * q[(yy * g.ww + xx) * ldq + c];
-                    }
-                out[c] = acc;
-            }
-        }
 }
 
 // Row-wise softmax of S (n, P) in place; P is a multiple of L, masked keys hold -inf.
@@ -183,7 +188,7 @@ void softmax_rows(int64_t n, int64_t P, float* S) {
 }
 
 struct Scratch {
-    std::vector<float> X, in, T, Q, kT, S, Y, Z;
+    std::vector<float> X, in, T, Q, kT, S, Y, Z, pad;
 };
 
 }  // namespace
@@ -235,15 +240,24 @@ void run_windows(const WindowAttentionArgs& a, const float* bias, int64_t begin,
         const int64_t b = item / (g.nh * g.nw), wi = item % (g.nh * g.nw);
         const int64_t y0 = wi / g.nw * g.wh, x0 = wi % g.nw * g.ww;
         const float* xb = a.x + b * C * H * W;
-        // the window's tokens, (N, C), zeros where the window hangs over the map
-        for (int64_t c = 0; c < C; ++c)
+        // the window's tokens, (N, C), zeros where the window hangs over the map; channels in blocks of 16:
+        // 16 rows read, one line of X written per token
+        for (int64_t c0 = 0; c0 < C; c0 += L) {
+            const int64_t cn = std::min<int64_t>(L, C - c0);
             for (int64_t y = 0; y < g.wh; ++y) {
                 const int64_t yy = y0 + y;
                 for (int64_t x = 0; x < g.ww; ++x) {
                     const int64_t xx = x0 + x;
-                    X[(y * g.ww + x) * C + c] = (yy < H && xx < W) ? xb[(c * H + yy) * W + xx] : 0.0f;
+                    float* dst = X + (y * g.ww + x) * C + c0;
+                    if (yy < H && xx < W) {
+                        const float* src = xb + (c0 * H + yy) * W + xx;
+                        for (int64_t c = 0; c < cn; ++c) dst[c] = src[c * H * W];
+                    } else {
+                        for (int64_t c = 0; c < cn; ++c) dst[c] = 0.0f;
+                    }
                 }
             }
+        }
         for (int64_t i = 0; i < h; ++i) {
             // head i's input: its channel chunk plus the previous head's output
             for (int64_t n = 0; n < N; ++n) {
@@ -257,7 +271,7 @@ void run_windows(const WindowAttentionArgs& a, const float* bias, int64_t begin,
                 }
             }
             gemm(N, d, e, in, d, a.qkv_w + i * d * e, e, a.qkv_b + i * e, nullptr, 0, T, e);
-            q_conv(g, kd, a.kernels[i], a.kmax, T, e, a.q_w + i * a.kmax * a.kmax * kd, a.q_b + i * kd, Q);
+            q_conv(g, kd, a.kernels[i], a.kmax, T, e, a.q_w + i * a.kmax * a.kmax * kd, a.q_b + i * kd, Q, s.pad);
             for (int64_t n = 0; n < N; ++n)
                 for (int64_t j = 0; j < kd; ++j) kT[j * P + n] = T[n * e + kd + j];
             gemm(N, kd, P, Q, kd, kT, P, nullptr, bias + i * N * P, P, S, P);
@@ -267,16 +281,15 @@ void run_windows(const WindowAttentionArgs& a, const float* bias, int64_t begin,
         for (int64_t j = 0; j < N * hd; ++j) Y[j] = std::max(Y[j], 0.0f);
         gemm(N, hd, C, Y, hd, a.proj_w, C, a.proj_b, a.skip ? X : nullptr, C, Z, C);
         float* ob = a.out + b * C * H * W;
-        for (int64_t c = 0; c < C; ++c)
-            for (int64_t y = 0; y < g.wh; ++y) {
-                const int64_t yy = y0 + y;
-                if (yy >= H) break;
-                for (int64_t x = 0; x < g.ww; ++x) {
-                    const int64_t xx = x0 + x;
-                    if (xx >= W) break;
-                    ob[(c * H + yy) * W + xx] = Z[(y * g.ww + x) * C + c];
+        for (int64_t c0 = 0; c0 < C; c0 += L) {
+            const int64_t cn = std::min<int64_t>(L, C - c0);
+            for (int64_t y = 0; y < g.wh && y0 + y < H; ++y)
+                for (int64_t x = 0; x < g.ww && x0 + x < W; ++x) {
+                    const float* src = Z + (y * g.ww + x) * C + c0;
+                    float* dst = ob + (c0 * H + y0 + y) * W + x0 + x;
+                    for (int64_t c = 0; c < cn; ++c) dst[c * H * W] = src[c];
                 }
-            }
+        }
     }
 }
 
