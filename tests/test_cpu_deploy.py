@@ -22,6 +22,7 @@ from effvit.deploy.exports import build_export_model, export_model
 from effvit.deploy.graph import export_onnx
 from effvit.deploy.openvino import export_openvino, openvino_predictor, verify_openvino
 from effvit.deploy.quantize import compare_predictions, ort_predictor, quantize_onnx
+from effvit.kernels.cpu import available as kernel_available
 
 SIZE = 64
 FASHION = {"dataset": "fashion_mnist", "mean": [0.286], "std": [0.353], "crop_pct": 1.0,
@@ -288,12 +289,14 @@ def test_bench_deploy_and_latency_scenarios(tmp_path, capsys):
     assert "CPU peak int8" in text and "p90 ms" in text
     rows = list(csv.DictReader(open(tmp_path / "bench.csv")))
     forms = {"torch fp32", "ort fp32", "ort int8", "openvino fp32", "openvino int8"}
+    kernel = {"openvino-kernel fp32"} if kernel_available()[0] else set()  # effvit's C++ attention kernel
     if cpuinfo.bf16_unit():
         forms |= {"torch bf16", "openvino bf16"}
+        kernel |= {"openvino-kernel bf16"} if kernel else set()
     for scenario, batch in (("deploy", "4"), ("latency", "1")):
         for impl in ("effvit", "timm"):
             mine = [r for r in rows if r["scenario"] == scenario and r["impl"] == impl]
-            assert {r["form"] for r in mine} == forms
+            assert {r["form"] for r in mine} == (forms | kernel if impl == "effvit" else forms)
             assert sum(r["best"] == "True" for r in mine) == 1
             for r in mine:
                 assert r["batch"] == batch and float(r["ms_batch"]) > 0

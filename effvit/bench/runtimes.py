@@ -6,13 +6,16 @@ ONNX the usual way and quantized with the same settings as ours. All forms of bo
 alternating rounds in one process, so load from other jobs hits them alike. Reported per form: median
 and 90th-percentile time per batch, images/s, the output difference to the fp32 PyTorch model, the
 fraction of the core's measured fp32 or int8 peak, and the speed ratio against timm's fastest fp32
-form. This module sets no process-wide option (thread counts are the caller's).
+form. effvit also runs its kernel IR (every window attention one node of effvit's C++ kernel, the rest
+OpenVINO's), fp32 and, with the units, the rest in bf16, where the kernel's extension builds. This module
+sets no process-wide option (thread counts are the caller's).
 """
 
 from __future__ import annotations
 
 import statistics
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,8 +26,9 @@ from torch import nn
 
 from effvit.deploy.cpuinfo import bf16_unit
 from effvit.deploy.graph import export_onnx
-from effvit.deploy.openvino import export_openvino, openvino_predictor
+from effvit.deploy.openvino import export_openvino, export_openvino_kernel, openvino_predictor
 from effvit.deploy.quantize import ort_predictor, quantize_onnx
+from effvit.kernels.cpu import available as kernel_available
 
 from .forms import effvit_forms, export_plain_onnx, timm_forms
 from .timing import Forward, Timing, alternate, max_abs_diff, pick_fastest, time_forward
@@ -82,7 +86,8 @@ def deploy_forms(model: nn.Module, x: torch.Tensor, workdir: str | Path, threads
                  ) -> dict[tuple[str, str], tuple[str, Forward]]:
     """{(impl, form): (detail, forward)} for effvit's ``model`` and, when given, timm's ``peer`` (same
     weights). Forms: torch fp32 (each side's fastest PyTorch form), torch bf16, ort fp32, ort int8,
-    openvino fp32, openvino int8, openvino bf16; the bf16 ones only on a CPU with bf16 units."""
+    openvino fp32, openvino int8, openvino bf16; the bf16 ones only on a CPU with bf16 units. effvit's
+    side adds openvino-kernel fp32 (and bf16) where effvit's OpenVINO extension builds."""
     workdir = Path(workdir)
     bf16 = bf16_unit() is not None
     with torch.inference_mode():
@@ -117,6 +122,27 @@ def deploy_forms(model: nn.Module, x: torch.Tensor, workdir: str | Path, threads
         if bf16:
             ov = openvino_predictor(fp32.with_suffix(".xml"), threads, "bf16", batch=batch)
             forms[impl, "openvino bf16"] = (f"{fp32.stem}.xml, bf16 hint", lambda ov=ov: ov(xn))
+    forms |= _kernel_forms(model, x, workdir, threads, bf16)
+    return forms
+
+
+def _kernel_forms(model: nn.Module, x: torch.Tensor, workdir: Path, threads: int, bf16: bool,
+                  ) -> dict[tuple[str, str], tuple[str, Forward]]:
+    """effvit's kernel IR in fp32 and (bf16 units) with the rest of the graph in bf16; none, with a
+    warning, where the extension cannot be built."""
+    ok, reason = kernel_available()
+    if not ok:
+        warnings.warn(f"no openvino-kernel forms: {reason.splitlines()[0]}", stacklevel=3)
+        return {}
+    xml = workdir / "effvit.kernel.xml"
+    if not xml.exists():
+        export_openvino_kernel(model, xml, tuple(x.shape[2:]), verify=False)  # checked by the bench's diff
+    xn = x.numpy()
+    forms = {}
+    for precision, hint in (("fp32", "f32"), ("bf16", "bf16"))[: 2 if bf16 else 1]:
+        ov = openvino_predictor(xml, threads, hint, batch=x.shape[0])
+        detail = xml.name + (", bf16 hint (attention fp32)" if precision == "bf16" else "")
+        forms["effvit", f"openvino-kernel {precision}"] = (detail, lambda ov=ov: ov(xn))
     return forms
 
 

@@ -292,7 +292,7 @@ def bench_deploy_model(name: str, scenario: str, threads: int, settings: BenchSe
 def report_lines(result: BenchResult) -> list[str]:
     """The printed report: machine and peaks, then a table row per result row."""
     rows, meta = result.rows, result.meta
-    head = (f"{'model':<16}{'scenario':<10}{'impl':<8}{'form':<18}{'batch':>6}{'thr':>4}{'img/s':>10}"
+    head = (f"{'model':<16}{'scenario':<10}{'impl':<8}{'form':<22}{'batch':>6}{'thr':>4}{'img/s':>10}"
             f"{'ms/batch':>10}{'p90 ms':>9}{'params':>8}{'MACs':>8}{'peak':>7}{'maxdiff':>10}{'vs timm':>9}")
     lines = [f"{meta['cpu']} ({meta['cpu_count']} CPUs), torch {meta['torch']}, timm {meta.get('timm')}, "
              f"onnxruntime {meta.get('onnxruntime')}; GPU: {meta['gpu'] or 'none'}"]
@@ -311,7 +311,7 @@ def report_lines(result: BenchResult) -> list[str]:
         ratio_text = f"{r['ratio_vs_timm']:.2f}x" if r["ratio_vs_timm"] is not None else ""
         p90 = f"{r['p90_ms']:.2f}" if r.get("p90_ms") is not None else "-"
         form = r["form"] + (" *" if r.get("best") else "")
-        lines.append(f"{r['model']:<16}{r['scenario']:<10}{r['impl']:<8}{form:<18}{r['batch']:>6}"
+        lines.append(f"{r['model']:<16}{r['scenario']:<10}{r['impl']:<8}{form:<22}{r['batch']:>6}"
                      f"{r['threads'] or '-':>4}{r['img_s']:>10.1f}{r['ms_batch']:>10.2f}{p90:>9}"
                      f"{r['params_m']:>7.2f}M{r['macs_m']:>7.0f}M{peak:>7}{r['max_abs_diff']:>10.1e}{ratio_text:>9}")
     if any(r.get("best") is not None for r in rows):
