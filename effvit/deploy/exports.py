@@ -116,15 +116,16 @@ def export_model(model: nn.Module, out_dir: str | Path, *, formats: Sequence[str
         if "openvino" in formats:
             _export_openvino(model, size, onnx_path, out / f"{stem}.xml", int8_path, sets, verify, atol, done)
         if "openvino-kernel" in formats:
-            done(_export_openvino_kernel(model, size, out / f"{stem}{FORMATS['openvino-kernel']}", verify, atol))
+            done(_export_openvino_kernel(model, size, out / f"{stem}{FORMATS['openvino-kernel']}", verify, atol,
+                                         opset))
     return results
 
 
 def _export_openvino_kernel(model: nn.Module, size: tuple[int, int], xml: Path, verify: bool,
-                            atol: float) -> ExportResult:
+                            atol: float, opset: int) -> ExportResult:
     name = "openvino-kernel"
     try:
-        diff = export_openvino_kernel(model, xml, size, verify=verify, atol=atol)
+        diff = export_openvino_kernel(model, xml, size, verify=verify, atol=atol, opset=opset)
     except KernelUnavailable as e:
         reason = str(e).splitlines()[0]
         return ExportResult(name, xml, [f"{name:<12} not written: {reason}; {xml.name.replace('.kernel', '')} is "
