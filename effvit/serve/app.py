@@ -112,6 +112,13 @@ def what_was_done(action: str, angle: float, reason: str) -> str:
     return f"kept as is: {'not sure' if reason.startswith('kept: confidence') else 'the tilt is too small to matter'}"
 
 
+def _range_text(window: tuple[float, float] | None) -> str:
+    """A search window as the --range option writes it: 'full', '45' (for -45..45) or 'LO,HI'."""
+    if window is None:
+        return "full"
+    return f"{window[1]:g}" if window[0] == -window[1] else f"{window[0]:g},{window[1]:g}"
+
+
 def preview(src: Path, dst: Path) -> Path:
     """A picture of ``src`` every browser shows (PNG with alpha, else JPEG): upright, 8-bit, the first
     frame, its long side at most ``PREVIEW_SIDE``."""
@@ -168,7 +175,7 @@ class ServeApp:
     def info(self) -> dict:
         window = self.rotation.trained_range
         return {"rotation": {"model": f"{self.rotation.config['backbone']}/{self.rotation.config['method']}",
-                             "range": "full" if window is None else f"{window[0]:g},{window[1]:g}",
+                             "range": _range_text(window),
                              "rule": DecisionRule.for_model(self.rotation.config).describe()},
                 "tta": list(TTA), "crop": list(CROP_CHOICES), "checkpoints": self.checkpoints(),
                 "max_bytes": self.max_bytes, "limit": self.limit()}

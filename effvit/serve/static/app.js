@@ -97,7 +97,7 @@ function newCard(container, file) {
     el("h3", { class: "name", textContent: file.name, title: file.name }),
     el("div", { class: "body" }),
     el("p", { class: "error" }));
-  container.prepend(card);
+  container.append(card);
   return card;
 }
 
