@@ -241,3 +241,14 @@ def test_other_addresses_are_warned_about_and_bad_options_refused(capsys):
     assert "--port must be in 0..65535" in capsys.readouterr().err
     assert main(["serve", "--max-size", "0"]) == 2
     assert "--max-size must be a positive" in capsys.readouterr().err
+
+
+def test_images_beyond_the_decompression_bomb_limit_are_refused_on_their_card(photos, classifier, monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # the upright photo has 73,344 pixels: > 2x the limit
+    with running() as server:
+        token = session(server)
+        ckpt = urllib.parse.quote(str(classifier))
+        for what, query in (("straighten", "tta=none&lines=0"), ("predict", f"checkpoint={ckpt}")):
+            status, card = upload(server, token, photos["upright.jpg"], what, query)
+            assert status == 200 and card["error"].startswith("upright.jpg could not be read: ")
+            assert "decompression bomb" in card["error"], card
