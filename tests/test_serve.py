@@ -5,6 +5,7 @@ see each other's files, and nothing is written outside the temporary folder, whi
 from __future__ import annotations
 
 import contextlib
+import http.client
 import io
 import json
 import threading
@@ -181,6 +182,16 @@ def test_sessions_do_not_mix_and_unknown_ones_are_refused(photos):
         for bad in ("x" * 32, "../" + a, a + "x"):
             status, body, _ = call(server, f"/api/{urllib.parse.quote(bad, safe='')}/zip")
             assert status == 404 and "reload the page" in json.loads(body)["error"]
+        # refused before its upload is read, a request still leaves the connection fit for the next one
+        host, port = server.server_address[:2]
+        conn = http.client.HTTPConnection(host, port, timeout=30)
+        for token in ("x" * 32, a):
+            conn.request("POST", f"/api/{token}/straighten?tta=none&lines=0", photos["upright.jpg"].read_bytes(),
+                         {"X-Filename": "again.jpg"})
+            reply = conn.getresponse()
+            body = json.loads(reply.read())
+        assert reply.status == 200 and body["name"] == "again.jpg" and body["index"] == 1
+        conn.close()
         # a request addressed to another host name (DNS rebinding) is not served
         status, _, _ = call(server, "/api/info", headers={"Host": "example.com"})
         assert status == 403

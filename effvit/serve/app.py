@@ -16,6 +16,7 @@ import ipaddress
 import json
 import re
 import secrets
+import shutil
 import socket
 import tempfile
 import threading
@@ -141,7 +142,8 @@ class ServeApp:
             raise ValueError(f"the upload size limit must be positive, got {max_bytes} bytes")
         self.rotation: RotationModel = load_rotation_model(rotation_model, device=device)
         self.runs, self.max_bytes, self.device = Path(runs), max_bytes, torch.device(device)
-        self._temp = tempfile.TemporaryDirectory(prefix="effvit-serve-", dir=temp_dir)
+        # a request still running at Ctrl+C may be writing into it: its removal goes on past such errors
+        self._temp = tempfile.TemporaryDirectory(prefix="effvit-serve-", dir=temp_dir, ignore_cleanup_errors=True)
         self.root = Path(self._temp.name)
         self._sessions: dict[str, Session] = {}
         self._classifiers: dict[tuple[str, float], torch.nn.Module] = {}
@@ -287,6 +289,7 @@ class ServeApp:
     def close(self) -> None:
         """Remove every upload and result."""
         self._temp.cleanup()
+        shutil.rmtree(self.root, ignore_errors=True)  # what a request wrote during the first pass
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -325,14 +328,25 @@ class Handler(BaseHTTPRequestHandler):
         length = self.headers.get("Content-Length")
         if length is None or not length.isdigit():
             raise RequestError(HTTPStatus.LENGTH_REQUIRED, "the upload has no Content-Length")
-        size, limit = int(length), self.server.app.max_bytes
-        if size > limit:
-            left = size if size <= 16 * limit else 0  # beyond that, the connection is dropped instead
-            while left > 0 and (chunk := self.rfile.read(min(left, 1 << 20))):
-                left -= len(chunk)
-            self.close_connection = left > 0 or size > 16 * limit
+        size = int(length)
+        if size > self.server.app.max_bytes:
+            self._drain()
             raise RequestError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, self.server.app.too_large(self._name(), size))
+        self._unread = 0
         return self.rfile.read(size)
+
+    def _drain(self) -> None:
+        """Read and drop what is left of the body, so that the answer reaches the browser and the next
+        request on the connection starts where it should; past 16 times the size limit, the connection is
+        closed instead."""
+        left = self._unread
+        if left > 16 * self.server.app.max_bytes:
+            self.close_connection = True
+            return
+        while left > 0 and (chunk := self.rfile.read(min(left, 1 << 20))):
+            left -= len(chunk)
+        self._unread = 0
+        self.close_connection = self.close_connection or left > 0
 
     def _name(self) -> str:
         return urllib.parse.unquote(self.headers.get("X-Filename", "upload"))
@@ -347,6 +361,8 @@ class Handler(BaseHTTPRequestHandler):
         return is_loopback(name)
 
     def _handle(self) -> None:
+        length = self.headers.get("Content-Length", "0")
+        self._unread = int(length) if length.isdigit() else 0
         try:
             if not self._host_ok():
                 raise RequestError(HTTPStatus.FORBIDDEN, "requests must be addressed to this machine")
@@ -354,11 +370,16 @@ class Handler(BaseHTTPRequestHandler):
             params = {k: v[-1] for k, v in urllib.parse.parse_qs(url.query).items()}
             self._route(url.path, params)
         except RequestError as e:
-            self._json({"error": str(e)}, e.status)
+            self._error(e.status, str(e))
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
         except Exception as e:  # noqa: BLE001 - the page shows it; the server goes on
-            self._json({"error": f"{type(e).__name__}: {e}"}, HTTPStatus.INTERNAL_SERVER_ERROR)
+            self._error(HTTPStatus.INTERNAL_SERVER_ERROR, f"{type(e).__name__}: {e}")
+
+    def _error(self, status: HTTPStatus, message: str) -> None:
+        if self._unread:  # refused before the upload was read (an unknown session, say)
+            self._drain()
+        self._json({"error": message}, status)
 
     def do_GET(self) -> None:  # noqa: N802 - the base class's name
         self._handle()
