@@ -8,6 +8,11 @@ import contextlib
 import http.client
 import io
 import json
+import os
+import re
+import signal
+import subprocess
+import sys
 import threading
 import urllib.error
 import urllib.parse
@@ -263,3 +268,26 @@ def test_images_beyond_the_decompression_bomb_limit_are_refused_on_their_card(ph
             status, card = upload(server, token, photos["upright.jpg"], what, query)
             assert status == 200 and card["error"].startswith("upright.jpg could not be read: ")
             assert "decompression bomb" in card["error"], card
+
+
+@pytest.mark.slow
+def test_the_command_prints_its_address_serves_and_cleans_up_when_stopped(tmp_path):
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    env = {**os.environ, "TMPDIR": str(temp), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    proc = subprocess.Popen([sys.executable, "-m", "effvit", "serve", "--port", "0"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+    try:
+        line = proc.stdout.readline()
+        url = re.search(r"open (http://127\.0\.0\.1:\d+/) in a browser", line)
+        assert url, line + proc.stderr.read()
+        with urllib.request.urlopen(url.group(1) + "api/info", timeout=30) as r:
+            assert json.loads(r.read())["rotation"]["range"] == "45"
+        ours = lambda: [p for p in temp.iterdir() if p.name.startswith("effvit-serve-")]  # noqa: E731
+        assert len(ours()) == 1  # (torch may keep its own caches there too)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0 and "stopped; the uploaded files are removed" in out, err
+    assert ours() == []

@@ -12,6 +12,7 @@ Uploads stay in a temporary folder, removed when the server stops (Ctrl+C).
 from __future__ import annotations
 
 import argparse
+import signal
 
 from effvit.serve import open_server
 
@@ -40,8 +41,14 @@ def run(args: argparse.Namespace) -> int:
                      max_bytes=int(args.max_size * 1e6), device=args.device) as server:
         print(f"effvit serve: open {server.url} in a browser (Ctrl+C stops it and removes the uploads)",
               flush=True)
+        signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops it as Ctrl+C does: the uploads removed
         try:
             server.serve_forever()
         except KeyboardInterrupt:
-            print("effvit serve: stopped; the uploaded files are removed")
+            pass
+    print("effvit serve: stopped; the uploaded files are removed")
     return 0
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
