@@ -166,8 +166,9 @@ def test_uploads_above_the_limit_get_a_message(photos):
         assert size > 10_000
         status, reply = upload(server, token, photos["upright.jpg"])
         assert status == 413
-        assert reply["error"] == (f"upright.jpg is {size / 1e6:.1f} MB: the page takes files up to 0.01 MB "
+        assert reply["error"] == (f"upright.jpg is {size / 1e3:.0f} kB: the page takes files up to 0.01 MB "
                                   "(start `effvit serve --max-size MB` for larger ones)")
+        assert server.app.too_large("big.tif", 123_456_789).startswith("big.tif is 123.5 MB: ")
         status, body, _ = call(server, "/api/info")
         assert json.loads(body)["max_bytes"] == 10_000  # the page checks before sending, with the same words
         assert status == 200

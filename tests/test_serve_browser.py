@@ -72,6 +72,22 @@ def test_the_page_in_chromium(photos, command_output, classifier, tmp_path, caps
             other.wait_for_selector("body[data-ready='1']")
             assert other.locator(".card").count() == 0
             assert other.evaluate("fetch(document.getElementById('s-zip').href).then(r => r.status)") == 404
+            # an upload the server refuses as too large: its message on the card (the page, told 64 MB when
+            # it loaded, sends it; the server now takes 10 kB)
+            server.app.max_bytes = 10_000
+            other.set_input_files("#s-files", [str(photos["upright.jpg"])])
+            other.wait_for_selector("#s-progress[data-idle='true'][data-done='1']")
+            message = server.app.too_large("upright.jpg", photos["upright.jpg"].stat().st_size)
+            assert other.inner_text(".card[data-name='upright.jpg'] .error") == message
+            # loaded with the 10 kB limit, the page itself refuses it, with the same words, sending nothing
+            other.reload()
+            other.wait_for_selector("body[data-ready='1']")
+            stored = len(list(server.app.root.rglob("*.jpg")))
+            other.set_input_files("#s-files", [str(photos["upright.jpg"])])
+            other.wait_for_selector("#s-progress[data-idle='true'][data-done='1']")
+            assert other.inner_text(".card[data-name='upright.jpg'] .error") == message
+            assert len(list(server.app.root.rglob("*.jpg"))) == stored
+            server.app.max_bytes = 64_000_000
 
             # Predict: a checkpoint given by path, top classes as bars
             page.click("button[data-tab='predict']")

@@ -172,7 +172,9 @@ class ServeApp:
                 "for larger ones)")
 
     def too_large(self, name: str, size: int) -> str:
-        return f"{name} is {size / 1e6:.1f} MB: {self.limit()}"
+        """The message for an upload above the limit (the page words its own check the same way)."""
+        return f"{name} is {size / 1e6:.1f} MB: {self.limit()}" if size >= 1e5 else \
+            f"{name} is {size / 1e3:.0f} kB: {self.limit()}"
 
     def info(self) -> dict:
         window = self.rotation.trained_range

@@ -103,7 +103,8 @@ function newCard(container, file) {
 
 function tooLarge(file) {
   if (file.size <= state.info.max_bytes) return null;
-  return `${file.name} is ${(file.size / 1e6).toFixed(1)} MB: ${state.info.limit}`;
+  const size = file.size >= 1e5 ? `${(file.size / 1e6).toFixed(1)} MB` : `${(file.size / 1e3).toFixed(0)} kB`;
+  return `${file.name} is ${size}: ${state.info.limit}`; // as the server words it (ServeApp.too_large)
 }
 
 // ---- Straighten -------------------------------------------------------------------------------------------
