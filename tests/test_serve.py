@@ -9,11 +9,11 @@ import http.client
 import io
 import json
 import os
-import re
 import signal
-import subprocess
-import sys
+import socket
+import tempfile
 import threading
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -254,6 +254,12 @@ def test_other_addresses_are_warned_about_and_bad_options_refused(capsys):
     with pytest.warns(UserWarning, match="anyone who can reach this machine"):
         server = open_server("0.0.0.0", 0)
     server.server_close()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{port} .*choose another --port"):
+            open_server("127.0.0.1", port)
     assert main(["serve", "--port", "70000"]) == 2
     assert "--port must be in 0..65535" in capsys.readouterr().err
     assert main(["serve", "--max-size", "0"]) == 2
@@ -271,24 +277,33 @@ def test_images_beyond_the_decompression_bomb_limit_are_refused_on_their_card(ph
             assert "decompression bomb" in card["error"], card
 
 
-@pytest.mark.slow
-def test_the_command_prints_its_address_serves_and_cleans_up_when_stopped(tmp_path):
+def test_the_command_prints_its_address_serves_and_cleans_up_when_stopped(tmp_path, monkeypatch, capsys):
     temp = tmp_path / "tmp"
     temp.mkdir()
-    env = {**os.environ, "TMPDIR": str(temp), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
-    proc = subprocess.Popen([sys.executable, "-m", "effvit", "serve", "--port", "0"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
-    try:
-        line = proc.stdout.readline()
-        url = re.search(r"open (http://127\.0\.0\.1:\d+/) in a browser", line)
-        assert url, line + proc.stderr.read()
-        with urllib.request.urlopen(url.group(1) + "api/info", timeout=30) as r:
-            assert json.loads(r.read())["rotation"]["range"] == "45"
-        ours = lambda: [p for p in temp.iterdir() if p.name.startswith("effvit-serve-")]  # noqa: E731
-        assert len(ours()) == 1  # (torch may keep its own caches there too)
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=30)
-    finally:
-        proc.kill()
-    assert proc.returncode == 0 and "stopped; the uploaded files are removed" in out, err
-    assert ours() == []
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    with socket.socket() as s:  # a port free just now
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    seen = {}
+
+    def visit_then_stop():  # as a user would: open the page, then `kill` the server
+        for _ in range(600):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/info", timeout=5) as r:
+                    seen["info"] = json.loads(r.read())
+                break
+            except OSError:
+                time.sleep(0.05)
+        seen["ours"] = [p.name for p in temp.iterdir() if p.name.startswith("effvit-serve-")]
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    thread = threading.Thread(target=visit_then_stop, daemon=True)
+    before = signal.getsignal(signal.SIGTERM)
+    thread.start()
+    assert main(["serve", "--port", str(port)]) == 0
+    thread.join(5)
+    out = capsys.readouterr().out
+    assert f"open http://127.0.0.1:{port}/ in a browser" in out and "stopped; the uploaded files are removed" in out
+    assert seen["info"]["rotation"]["range"] == "45" and len(seen["ours"]) == 1
+    assert list(temp.iterdir()) == []
+    assert signal.getsignal(signal.SIGTERM) is before  # the test process's own handler put back

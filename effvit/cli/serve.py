@@ -41,11 +41,13 @@ def run(args: argparse.Namespace) -> int:
                      max_bytes=int(args.max_size * 1e6), device=args.device) as server:
         print(f"effvit serve: open {server.url} in a browser (Ctrl+C stops it and removes the uploads)",
               flush=True)
-        signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops it as Ctrl+C does: the uploads removed
+        previous = signal.signal(signal.SIGTERM, _interrupt)  # `kill` stops it as Ctrl+C does: uploads removed
         try:
             server.serve_forever()
         except KeyboardInterrupt:
             pass
+        finally:
+            signal.signal(signal.SIGTERM, previous)
     print("effvit serve: stopped; the uploaded files are removed")
     return 0
 

@@ -429,22 +429,23 @@ class Server(ThreadingHTTPServer):
     temporary folder."""
 
     daemon_threads = True
+    app: ServeApp | None = None
 
-    def __init__(self, app: ServeApp, host: str = "127.0.0.1", port: int = 8765):
-        self.app, self.host = app, host
+    def __init__(self, host: str = "127.0.0.1", port: int = 8765):
+        self.host = host
         if ":" in host.strip("[]"):
             self.address_family = socket.AF_INET6
         super().__init__((host.strip("[]"), port), Handler)
 
     @property
     def url(self) -> str:
-        host, port = self.server_address[:2]
-        host = str(host)
+        host, port = str(self.server_address[0]), self.server_address[1]
         return f"http://{'[' + host + ']' if ':' in host else host}:{port}/"
 
     def server_close(self) -> None:
         super().server_close()
-        self.app.close()
+        if self.app is not None:
+            self.app.close()
 
 
 def open_server(host: str = "127.0.0.1", port: int = 8765, **app_options) -> Server:
@@ -454,10 +455,14 @@ def open_server(host: str = "127.0.0.1", port: int = 8765, **app_options) -> Ser
     if not is_loopback(host):
         warnings.warn(f"serving on {host}: anyone who can reach this machine on that address can use the page "
                       "and see the photos uploaded to it", stacklevel=2)
-    app = ServeApp(**app_options)
     try:
-        return Server(app, host, port)
+        server = Server(host, port)  # before the models load: a port in use is said at once
     except OSError as e:
-        app.close()
         raise OSError(f"cannot listen on {host}:{port} ({e.strerror or e}): choose another --port "
                       "(0 picks a free one)") from None
+    try:
+        server.app = ServeApp(**app_options)
+    except BaseException:
+        server.server_close()
+        raise
+    return server
