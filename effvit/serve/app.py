@@ -233,7 +233,8 @@ class ServeApp:
         return card
 
     def zip(self, session: Session) -> Path:
-        """Every straightened photo of the session in one zip (stored as they are, names made unique)."""
+        """Every result of the session in one zip, as the command writes them (kept photos as they came),
+        names made unique."""
         with session.lock:
             outputs = [it.output for it in session.items if it.output is not None]
         if not outputs:
