@@ -17,7 +17,7 @@ FASHION_MNIST := /usr/share/datasets/fashion-mnist
 # pytest workers; each gets one BLAS thread so two workers use the two cores without oversubscription
 JOBS ?= 2
 
-.PHONY: install data test test-fast demo lint clean
+.PHONY: install data browser test test-fast demo lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,7 +34,15 @@ data:
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist; }
 
-test: install data
+# Chromium for the browser test of `effvit serve` (tests/test_serve_browser.py, driven by Playwright), from
+# Debian; where it cannot be installed that test is skipped and says why.
+browser:
+	@test -x /usr/bin/chromium || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  { $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium; } || \
+	  echo "chromium could not be installed: the browser test of effvit serve will be skipped"; }
+
+test: install data browser
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(JOBS) --durations=15
 
 # the fast lane while working: every test not marked slow (multi-second end-to-end runs); CI runs `make test`
