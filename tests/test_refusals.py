@@ -15,6 +15,7 @@ import effvit.cli.straighten as straighten_cli
 from effvit.cli import main
 from effvit.models import create_model, load_model
 from effvit.models.weights import FORMAT_TAG, read_checkpoint
+from effvit.rotation.model import DEFAULT_MODEL
 from effvit.train import ClassificationTask, load_classification_config, train
 from effvit.train.distributed import DistContext
 from effvit.train.rotation import load_rotation_config
@@ -242,3 +243,17 @@ def test_straighten_replaces_existing_outputs_only_with_overwrite(photo, tmp_pat
     other.write_bytes(b"another photo")
     assert main(["straighten", str(photo), "--out", str(tmp_path / "out")]) == 2
     assert "pass --overwrite" in capsys.readouterr().err and other.read_bytes() == b"another photo"
+
+
+def test_rotation_export_never_writes_over_its_checkpoint_or_another_file(photo, tmp_path, capsys):
+    ckpt = tmp_path / "r.safetensors"
+    ckpt.write_bytes(DEFAULT_MODEL.read_bytes())
+    assert main(["rotation", "export", "--checkpoint", str(ckpt), "--out", str(ckpt)]) == 2
+    assert "is one of the inputs" in capsys.readouterr().err
+    before = photo.read_bytes()
+    assert main(["rotation", "export", "--checkpoint", str(ckpt), "--out", str(photo)]) == 2
+    assert "--overwrite" in capsys.readouterr().err and photo.read_bytes() == before
+    out = tmp_path / "again.safetensors"
+    for _ in range(2):  # an earlier export is replaced
+        assert main(["rotation", "export", "--checkpoint", str(ckpt), "--out", str(out)]) == 0
+    assert ckpt.read_bytes() == DEFAULT_MODEL.read_bytes()
