@@ -188,8 +188,7 @@ def test_an_epoch_without_a_step_stops_the_run(tmp_path):
 # -- export, bench, the model ----------------------------------------------------------------------
 @pytest.mark.parametrize("args, says", [
     (["--num-classes", "-3"], "num_classes must be a whole number >= 1"),
-    (["--atol", "-1"], "atol must be above 0"),
-    (["--int8", "--min-agreement", "2"], "min_agreement is a share"),
+    (["--atol", "-1"], "atol must be 0 or more"),
     (["--int8", "--check-images", "-1"], "check_images must be >= 0"),
 ])
 def test_export_refuses_bad_options_before_writing(tmp_path, capsys, args, says):

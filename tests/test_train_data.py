@@ -225,7 +225,7 @@ def test_a_batch_left_with_one_image_is_dropped_and_said(tmp_path, capsys, mixup
                               TwoClasses(12, bad=first_batch[:3]), None, num_classes=2, mixup=mix)
     result = train(task, cfg)
     out = capsys.readouterr().out
-    assert "step 1/3 dropped: 1 image(s) in the batch after skipping unreadable ones" in out, out
+    assert "step 1/3 dropped: 1 readable image(s) left in a batch after skipping unreadable ones" in out, out
     assert result.history[0]["skipped"] == 3 and np.isfinite(result.history[0]["train_loss"])
 
 

@@ -263,11 +263,13 @@ def train_one_epoch(model: nn.Module, task: Task, loader, optimizer, *, epoch: i
         # a step holds collectives (DDP's gradient all-reduce): every rank steps, or none does
         fewest = du.min_over_ranks(n)
         if fewest < MIN_TRAIN_BATCH:
+            unreadable = du.min_over_ranks(-len(bad)) < 0  # on any rank: every rank takes this branch
             if ctx.is_main:
+                why = (f"{fewest} readable image(s) left in a batch after skipping unreadable ones" if unreadable
+                       else f"{fewest} image(s) in the batch")
                 (logger.info if logger else tqdm.write)(
-                    f"warning: step {i + 1}/{steps} dropped{' on every process' * ctx.distributed}: {fewest} "
-                    f"image(s) in the batch{' after skipping unreadable ones' if bad else ''} (a training step "
-                    f"needs at least {MIN_TRAIN_BATCH})")
+                    f"warning: step {i + 1}/{steps} dropped{' on every process' * ctx.distributed}: {why} (a "
+                    f"training step needs at least {MIN_TRAIN_BATCH})")
         else:
             inputs, targets = to_device(inputs, ctx.device), to_device(targets, ctx.device)
             if task.channels_last:
