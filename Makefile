@@ -17,7 +17,7 @@ FASHION_MNIST := /usr/share/datasets/fashion-mnist
 # pytest workers; each gets one BLAS thread so two workers use the two cores without oversubscription
 JOBS ?= 2
 
-.PHONY: install data kernels test test-fast demo lint clean
+.PHONY: install data browser kernels test test-fast demo lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,14 @@ data:
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist; }
 
+# Chromium for the browser test of `effvit serve` (tests/test_serve_browser.py, driven by Playwright), from
+# Debian; where it cannot be installed that test is skipped and says why.
+browser:
+	@test -x /usr/bin/chromium || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  { $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium; } || \
+	  echo "chromium could not be installed: the browser test of effvit serve will be skipped"; }
+
 # effvit's C++ attention kernel for OpenVINO (effvit/kernels/cpu), built from source with the machine's g++ and
 # cmake (installed from Debian where missing); where that fails, a one-line notice and the standard graphs
 kernels: install
@@ -42,7 +50,7 @@ kernels: install
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq g++ cmake; } || true
 	$(PY) -m effvit.kernels.cpu
 
-test: install data kernels
+test: install data browser kernels
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(JOBS) --durations=15
 
 # the fast lane while working: every test not marked slow (multi-second end-to-end runs); CI runs `make test`

@@ -8,7 +8,7 @@ import contextlib
 import csv
 import os
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 
@@ -41,6 +41,35 @@ def writable_file(path: str | Path, flag: str = "--output") -> Path:
         except OSError as e:
             raise OSError(f"cannot write {path} ({e.strerror or e}): choose another file with {flag}") from None
     return path
+
+
+def same_file(a: str | Path, b: str | Path) -> bool:
+    """Whether ``a`` and ``b`` name one file (after links; hard links too when both exist)."""
+    a, b = Path(a), Path(b)
+    if a.exists() and b.exists():
+        return os.path.samefile(a, b)
+    return a.resolve() == b.resolve()
+
+
+def output_file(path: str | Path, inputs: Iterable[str | Path], *, is_own: Callable[[Path], bool],
+                overwrite: bool = False, flag: str = "--output") -> Path:
+    """``path`` as a file to write that is none of ``inputs`` and, if it exists, is an earlier output of
+    the same kind (``is_own``) or may be replaced (``overwrite``); an error naming it otherwise."""
+    path = writable_file(path, flag)
+    for src in inputs:
+        if same_file(path, src):
+            raise ValueError(f"{flag} {path} is one of the inputs ({src}): writing it would destroy that file; "
+                             f"choose another file with {flag}")
+    if path.exists() and path.stat().st_size and not overwrite and not is_own(path):
+        raise FileExistsError(f"{flag} {path} exists and does not hold output of this command: choose another "
+                              f"file with {flag}, or pass --overwrite to replace it")
+    return path
+
+
+def write_text(text: str, path: str | Path) -> None:
+    """``text`` into ``path``, replacing it atomically: the old file or the whole new one, never half."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
 
 
 @contextlib.contextmanager

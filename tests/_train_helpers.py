@@ -54,6 +54,24 @@ class SomeUnreadable(torch.utils.data.Dataset):
         return Unreadable(f"img{i}.png", "OSError: broken") if i in self.bad else (self.x[i], self.x[i].mean())
 
 
+class TwoClasses(torch.utils.data.Dataset):
+    """Two classes of flat images; the items in ``bad`` cannot be decoded."""
+
+    def __init__(self, n: int, bad=()):
+        g = torch.Generator().manual_seed(0)
+        self.y = torch.arange(n) % 2
+        self.x = torch.rand(n, 3, 32, 32, generator=g) * 0.2 + self.y[:, None, None, None] * 0.5
+        self.bad = set(bad)
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        from effvit.data import Unreadable
+
+        return Unreadable(f"img{i}.png", "OSError: broken") if i in self.bad else (self.x[i], int(self.y[i]))
+
+
 class Brightness(Task):
     best_metric, best_mode = "loss", "min"
 

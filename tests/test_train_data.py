@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _train_helpers import make_image_folder, tiny_config
+from _train_helpers import TwoClasses, make_image_folder, tiny_config
 
-from effvit.data import FASHION_MNIST_DIR, FashionMNIST, Unreadable, build_loader, read_idx
+from effvit.data import FASHION_MNIST_DIR, FashionMNIST, build_loader, read_idx
 from effvit.train import (
     ClassificationConfig,
     EngineConfig,
@@ -204,22 +204,6 @@ def test_lr_scaling_rule_and_no_decay_groups():
         assert (id(p) in no_decay) == expect, name
 
 
-class _SomeUnreadable(torch.utils.data.Dataset):
-    """Two classes of flat images; the items in ``bad`` cannot be decoded."""
-
-    def __init__(self, n: int, bad=()):
-        g = torch.Generator().manual_seed(0)
-        self.y = torch.arange(n) % 2
-        self.x = torch.rand(n, 3, 32, 32, generator=g) * 0.2 + self.y[:, None, None, None] * 0.5
-        self.bad = set(bad)
-
-    def __len__(self):
-        return len(self.y)
-
-    def __getitem__(self, i):
-        return Unreadable(f"img{i}.png", "OSError: broken") if i in self.bad else (self.x[i], int(self.y[i]))
-
-
 @pytest.mark.parametrize("mixup", [0.0, 0.8])
 def test_a_batch_left_with_one_image_is_dropped_and_said(tmp_path, capsys, mixup):
     """Batch 4 whose first batch keeps one readable image: BatchNorm cannot train on it (and mixup would
@@ -238,10 +222,10 @@ def test_a_batch_left_with_one_image_is_dropped_and_said(tmp_path, capsys, mixup
 
         mix = Mixup(mixup_alpha=mixup, num_classes=2)
     task = ClassificationTask(create_model("efficientvit_m0", num_classes=2, img_size=32),
-                              _SomeUnreadable(12, bad=first_batch[:3]), None, num_classes=2, mixup=mix)
+                              TwoClasses(12, bad=first_batch[:3]), None, num_classes=2, mixup=mix)
     result = train(task, cfg)
     out = capsys.readouterr().out
-    assert "step 1/3 dropped: 1 readable image(s) left in a batch" in out, out
+    assert "step 1/3 dropped: 1 readable image(s) left in a batch after skipping unreadable ones" in out, out
     assert result.history[0]["skipped"] == 3 and np.isfinite(result.history[0]["train_loss"])
 
 

@@ -135,8 +135,15 @@ def _versions() -> dict:
 def run_bench(settings: BenchSettings, argv: list[str] | None = None, progress: bool = True) -> BenchResult:
     """Every model in every scenario (progress on stderr); ``argv`` is recorded in the metadata."""
     s = settings
-    if s.seconds <= 0 or s.rounds < 1 or s.threads < 1:
-        raise ValueError("--seconds must be > 0, --rounds >= 1 and --threads >= 1")
+    for ok, flag, value, want in ((s.seconds > 0, "--seconds", s.seconds, "above 0"),
+                                  (s.rounds >= 1, "--rounds", s.rounds, "a whole number >= 1"),
+                                  (s.threads >= 1, "--threads", s.threads, "a whole number >= 1"),
+                                  (s.batch is None or s.batch >= 1, "--batch", s.batch, "a whole number >= 1"),
+                                  (s.warmup >= 0, "--warmup", s.warmup, "0 or more seconds"),
+                                  (s.peak_seconds >= 0, "--peak-seconds", s.peak_seconds, "0 or more seconds"),
+                                  (s.probe is None or s.probe > 0, "--probe", s.probe, "above 0")):
+        if not ok:
+            raise ValueError(f"{flag} {value} is not allowed: it must be {want}")
     names = resolve_models(s.models)
     scenarios = resolve_scenarios(s.scenarios, s.device, torch.cuda.is_available())
     all_threads = torch.get_num_threads()

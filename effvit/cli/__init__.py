@@ -8,7 +8,7 @@ import sys
 import warnings
 
 # module name under effvit.cli -> each defines register(subparsers) and sets args.func
-COMMANDS = ["info", "train", "eval", "predict", "demo", "bench", "export", "rotation", "straighten"]
+COMMANDS = ["info", "train", "eval", "predict", "demo", "bench", "export", "rotation", "straighten", "serve"]
 
 
 def build_parser() -> argparse.ArgumentParser:

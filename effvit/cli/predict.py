@@ -18,7 +18,7 @@ import sys
 
 from effvit.data import list_images, resolve_device
 from effvit.models import load_model
-from effvit.outputs import writable_file
+from effvit.outputs import output_file, write_text
 from effvit.predict import Predictions, predict
 
 
@@ -29,7 +29,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-c", "--checkpoint", required=True, help="training checkpoint or weights file")
     p.add_argument("-k", "--topk", type=int, default=5)
     p.add_argument("--format", choices=["table", "json", "csv"], default="table")
-    p.add_argument("-o", "--output", help="write the predictions to this file instead of stdout")
+    p.add_argument("-o", "--output", help="write the predictions to this file instead of stdout (an input, or a "
+                   "file that holds something other than predictions, is refused)")
+    p.add_argument("--overwrite", action="store_true", help="replace --output even if it is not a predictions file")
     p.add_argument("--ema", action="store_true", help="use the EMA weights of a training checkpoint")
     p.add_argument("--img-size", type=int, help="run at another resolution (bias tables resized)")
     p.add_argument("--batch-size", type=int, default=32)
@@ -60,12 +62,25 @@ def format_results(predictions: Predictions, fmt: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def holds_predictions(path) -> bool:
+    """Whether ``path`` starts like a file ``effvit predict`` writes (table, JSON or CSV)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            head = f.read(4096)
+    except (OSError, UnicodeDecodeError):
+        return False
+    first = head.split("\n", 1)[0]
+    return (first.startswith("file") and first.split()[1:4] == ["rank", "prob", "label"]
+            or first == "file,rank,label,index,prob"
+            or head.startswith('{\n  "predictions": '))
+
+
 def run(args: argparse.Namespace) -> int:
     if args.topk < 1:
         raise ValueError(f"--topk must be >= 1, got {args.topk}")
     files = [f for p in args.paths for f in list_images(p)]
-    if args.output:
-        writable_file(args.output)  # before predicting, not after
+    if args.output:  # before predicting, not after
+        output_file(args.output, [*files, args.checkpoint], is_own=holds_predictions, overwrite=args.overwrite)
     model = load_model(args.checkpoint, use_ema=args.ema, img_size=args.img_size)
     result = predict(model, files, topk=args.topk, batch_size=args.batch_size, workers=args.workers,
                      device=resolve_device(args.device))
@@ -73,8 +88,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"effvit predict: skipped unreadable image {name}", file=sys.stderr)
     text = format_results(result, args.format)
     if args.output:
-        with open(args.output, "w") as f:
-            f.write(text)
+        write_text(text, args.output)
     else:
         sys.stdout.write(text)
     if result.unreadable:

@@ -16,13 +16,14 @@ import json
 import sys
 
 from effvit.cli.options import add_run_options
+from effvit.outputs import output_file
 from effvit.rotation.evaluation import (
     TRAINED_WINDOW,
     evaluate_rotation_checkpoint,
     save_rotation_evaluation,
     summary_lines,
 )
-from effvit.rotation.model import load_rotation_model, save_rotation_model
+from effvit.rotation.model import is_rotation_model, load_rotation_model, save_rotation_model
 from effvit.rotation.straighten import parse_range
 from effvit.train import launch
 from effvit.train.checkpoint import load_training_state
@@ -101,6 +102,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     x.add_argument("--out", required=True, metavar="FILE.safetensors")
     x.add_argument("--half", action="store_true", help="fp16 weights (half the size)")
     x.add_argument("--ema", action="store_true", help="export the EMA weights")
+    x.add_argument("--overwrite", action="store_true",
+                   help="replace --out even if it is not a rotation model (never the checkpoint itself)")
     x.set_defaults(func=run_export)
 
 
@@ -162,6 +165,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
 # -- export ----------------------------------------------------------------------------------------
 def run_export(args: argparse.Namespace) -> int:
+    output_file(args.out, [args.checkpoint], is_own=is_rotation_model, overwrite=args.overwrite, flag="--out")
     model = load_rotation_model(args.checkpoint, use_ema=args.ema)  # its config keeps the training notes
     path = save_rotation_model(model, args.out, half=args.half)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB, {'fp16' if args.half else 'fp32'})")

@@ -8,7 +8,7 @@ import sys
 
 from effvit.rotation.decision import DecisionRule, summary
 from effvit.rotation.model import load_rotation_model
-from effvit.rotation.straighten import StraightenOptions, parse_range, straighten_files
+from effvit.rotation.straighten import StraightenOptions, parse_range, plan_outputs, straighten_files
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -48,6 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                                 "transparent for images with alpha)")
     p.add_argument("--quality", type=int, default=None,
                    help="JPEG/WebP quality to write (default: a JPEG keeps its own quantisation tables)")
+    p.add_argument("--overwrite", action="store_true", help="replace files that exist in --out (never an input)")
     p.add_argument("--dry-run", action="store_true", help="only print angles and confidences")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
@@ -71,6 +72,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--quality must be in 1..100, got {args.quality}")
     if args.out is None and not args.dry_run:
         raise ValueError("give an output folder with --out DIR, or --dry-run to only print the angles")
+    if not args.dry_run:  # refused outputs before the model loads
+        plan_outputs(args.inputs, args.out, overwrite=args.overwrite)
     model = load_rotation_model(args.model, device=args.device)
     window = parse_range(args.range) if args.range is not None else model.trained_range
     rule = DecisionRule.for_model(model.config, 0.0 if args.always else args.min_confidence, args.min_angle)
@@ -89,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
               f"tta {args.tta}, lines {'on' if args.lines else 'off'}; {rule.describe()}")
         print(f"{'tilt':>8} {'fix':>8} {'conf':>6}  file  action: reason")
     results = straighten_files(args.inputs, args.out, model, options, quality=args.quality,
-                               dry_run=args.dry_run, on_result=show)
+                               dry_run=args.dry_run, overwrite=args.overwrite, on_result=show)
     if not results:
         raise ValueError("no images found in the given inputs")
     line = summary([r.action for r in results]) + (" (dry run: nothing written)" if args.dry_run else "")

@@ -75,6 +75,10 @@ def export_model(model: nn.Module, out_dir: str | Path, *, formats: Sequence[str
     be built, its result says so in one line and the standard IR is the export.
     """
     formats = check_formats(formats)
+    if not atol >= 0:
+        raise ValueError(f"atol must be 0 or more (the largest difference from PyTorch accepted), got {atol}")
+    if int8 and check_images < 0:
+        raise ValueError(f"check_images must be >= 0 (0: every held-out image), got {check_images}")
     if "openvino-kernel" in formats and "openvino" not in formats:
         formats.insert(formats.index("openvino-kernel"), "openvino")
     size = model.img_size

@@ -475,6 +475,12 @@ def stage_resolutions(img_size: int | tuple[int, int]) -> list[tuple[int, int]]:
     return res
 
 
+def check_num_classes(num_classes: int) -> None:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
+        raise ValueError(f"num_classes must be a whole number >= 1 (0: no classifier, the pooled features), "
+                         f"got {num_classes!r}")
+
+
 class EfficientVitMsra(nn.Module):
     """EfficientViT-M classifier with timm's model interface: ``forward_features`` gives the stride-64
     map, ``forward_head`` the logits, ``forward_intermediates`` the stage maps."""
@@ -491,6 +497,7 @@ class EfficientVitMsra(nn.Module):
             raise ValueError(f"unknown variant {variant!r}; choose one of {sorted(VARIANTS)}")
         if in_chans < 1:
             raise ValueError(f"in_chans must be >= 1, got {in_chans}")
+        check_num_classes(num_classes)
         if num_classes > 0 and not global_pool:
             raise ValueError("a classifier needs pooled features: pass global_pool='avg' or num_classes=0")
         cfg = VARIANTS[variant]
@@ -557,6 +564,7 @@ class EfficientVitMsra(nn.Module):
         """A new head (and optionally pooling), on the model's device and dtype and in its mode."""
         if global_pool is not None:
             self.global_pool = SelectAdaptivePool2d(pool_type=global_pool, flatten=True)
+        check_num_classes(num_classes)
         if num_classes > 0 and not self.global_pool.pool_type:
             raise ValueError("a classifier needs pooled features: pass global_pool='avg' or num_classes=0")
         self.head_hidden_size = self.num_features * self.global_pool.feat_mult()

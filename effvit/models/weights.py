@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import http.client
 import json
+import math
 import os
 import re
 import urllib.request
@@ -28,6 +29,7 @@ from tqdm.auto import tqdm
 from .attention import resize_bias_table
 from .efficientvit import VARIANTS
 from .fused import is_fused
+from .token_merging import MERGE_MODES
 
 FORMAT_TAG = "effvit-checkpoint-v1"
 
@@ -184,7 +186,8 @@ def read_checkpoint(source: str | Path, sha256: str | None = None,
     obj = _read_file(path)
     meta: dict = _safetensors_meta(path) if path.suffix == ".safetensors" else {}
     if isinstance(obj, Mapping) and obj.get("format") == FORMAT_TAG:
-        meta = dict(obj.get("meta", {}))
+        meta = obj.get("meta", {})
+        meta = dict(meta) if isinstance(meta, Mapping) else meta  # anything else is refused below
         if use_ema and not obj.get("ema"):
             raise ValueError(f"{source} has no EMA weights (trained with ema.enabled=false); drop --ema")
         obj = obj["ema"] if use_ema else obj["state_dict"]
@@ -199,7 +202,82 @@ def read_checkpoint(source: str | Path, sha256: str | None = None,
         raise ValueError(f"{source} does not hold a state dict of tensors (top-level keys: "
                          f"{list(obj)[:8] if isinstance(obj, Mapping) else type(obj).__name__})")
     sd = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in obj.items()}
-    return (official_to_timm(sd) if is_official_layout(sd) else sd), meta
+    sd = official_to_timm(sd) if is_official_layout(sd) else sd
+    check_meta(meta, sd, source)
+    return sd, meta
+
+
+# -- metadata --------------------------------------------------------------------------------------
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _is_count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def check_meta(meta, sd: Mapping[str, torch.Tensor], source: str) -> None:
+    """Refuse metadata that would build a wrong model or fail later with a stray traceback: each known
+    field's type and range, and the lengths against the weights (classes, class names, channels)."""
+    if not isinstance(meta, Mapping):
+        raise ValueError(f"{source}: its metadata is a {type(meta).__name__}, not a mapping of fields: the file "
+                         "was not written by effvit or is damaged")
+
+    def bad(field: str, want: str) -> ValueError:
+        return ValueError(f"{source}: metadata field {field!r} is {meta[field]!r}; it should be {want}. Fix or "
+                          "remove it: a .pth keeps its metadata under 'meta', a .safetensors file in its header")
+
+    head = sd.get("head.linear.weight")
+    stem = sd.get("patch_embed.conv1.conv.weight")
+    if meta.get("arch") is not None and not isinstance(meta["arch"], str):
+        raise bad("arch", "a model name such as 'efficientvit_m0'")
+    if meta.get("num_classes") is not None:
+        if not _is_count(meta["num_classes"]):
+            raise bad("num_classes", "a positive whole number")
+        if head is not None and head.shape[0] != meta["num_classes"]:
+            raise bad("num_classes", f"{head.shape[0]}, the number of outputs of the weights' head")
+    if meta.get("in_chans") is not None:
+        if not _is_count(meta["in_chans"]):
+            raise bad("in_chans", "a positive whole number (3 for RGB, 1 for grey)")
+        if stem is not None and stem.shape[1] != meta["in_chans"]:
+            raise bad("in_chans", f"{stem.shape[1]}, the input channels of the weights' first convolution")
+    size = meta.get("img_size")
+    if size is not None and not (_is_count(size) or (isinstance(size, (list, tuple)) and len(size) == 2
+                                                     and all(_is_count(v) for v in size))):
+        raise bad("img_size", "a size in pixels: one positive whole number or [height, width]")
+    chans = meta.get("in_chans") or (stem.shape[1] if stem is not None else 3)
+    for key in ("mean", "std"):
+        v = meta.get(key)
+        if v is None:
+            continue
+        if not (isinstance(v, (list, tuple)) and len(v) in {1, 3, chans} and all(_is_number(x) for x in v)):
+            raise bad(key, f"a list of 1 or {chans} numbers, one per input channel")
+        if key == "std" and any(x <= 0 for x in v):
+            raise bad(key, "positive numbers (each channel is divided by its std)")
+    if meta.get("interpolation") is not None and meta["interpolation"] not in INTERPOLATIONS:
+        raise bad("interpolation", "one of " + ", ".join(INTERPOLATIONS))
+    crop = meta.get("crop_pct")
+    if crop is not None and not (_is_number(crop) and 0 < crop <= 1):
+        raise bad("crop_pct", "a fraction in (0, 1], the share of the resized image kept by the centre crop")
+    names = meta.get("class_names")
+    if names is not None:
+        classes = meta.get("num_classes") or (head.shape[0] if head is not None else None)
+        if not (isinstance(names, (list, tuple)) and all(isinstance(n, str) for n in names)):
+            raise bad("class_names", "a list of strings, one per class")
+        if classes is not None and len(names) != classes:
+            raise bad("class_names", f"a list of {classes} names, one per class ({len(names)} given)")
+    ltm = meta.get("ltm")
+    if ltm is not None:
+        keeps = ltm if isinstance(ltm, (list, tuple)) else [ltm]
+        if not (keeps and all(_is_number(k) and 0 < k <= 1 for k in keeps)):
+            raise bad("ltm", "a keep ratio in (0, 1] or a list of them, one per block")
+    if meta.get("ltm_mode") is not None and meta["ltm_mode"] not in MERGE_MODES:
+        raise bad("ltm_mode", "one of " + ", ".join(MERGE_MODES))
+    if meta.get("distillation") is not None and not isinstance(meta["distillation"], bool):
+        raise bad("distillation", "true or false")
 
 
 # -- official <-> timm layout ----------------------------------------------------------------------

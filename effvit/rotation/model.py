@@ -26,6 +26,7 @@ from torch import nn
 from effvit.models.backbone import backbone_norm, create_backbone
 from effvit.models.pretrained import fit_channels
 from effvit.models.weights import read_checkpoint
+from effvit.outputs import atomic_path
 
 from .methods import RotationMethod, get_method, mlp_head, wrap180, wrap360
 
@@ -105,8 +106,18 @@ def save_rotation_model(model: RotationModel, path: str | Path, half: bool = Fal
         sd[k] = v.half() if half and v.is_floating_point() else v.contiguous()
     meta = dict(model.config, **(extra or {}))
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(sd, str(path), metadata={_META_KEY: json.dumps(meta)})
+    with atomic_path(path) as tmp:  # a full disk or a kill leaves the old file, never half a model
+        save_file(sd, str(tmp), metadata={_META_KEY: json.dumps(meta)})
     return path
+
+
+def is_rotation_model(path: str | Path) -> bool:
+    """Whether ``path`` is a .safetensors rotation model (what ``save_rotation_model`` writes)."""
+    try:
+        read_rotation_config(path)
+    except Exception:  # not safetensors, no config, unreadable: another kind of file
+        return False
+    return True
 
 
 def read_rotation_config(path: str | Path) -> dict:

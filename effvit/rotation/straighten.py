@@ -25,7 +25,7 @@ from PIL import Image, ImageColor, ImageOps, JpegImagePlugin
 
 from effvit.data import list_images, resize_short
 from effvit.data.images import decoded_at_fewer_bits, frame_count, is_high_bit, to_mode, value_range
-from effvit.outputs import atomic_path, writable_dir
+from effvit.outputs import atomic_path, same_file, writable_dir
 
 from .data import to_tensor
 from .decision import ROTATED, DecisionRule
@@ -299,8 +299,10 @@ def save_like(img: Image.Image | Sequence[Image.Image], src: Image.Image, path: 
         img.save(tmp, format=fmt, **kw)
 
 
-def plan_outputs(inputs: Sequence[str | Path], out_dir: str | Path) -> list[tuple[Path, Path]]:
-    """(input file, output file) pairs: files go to out_dir/name, folders keep their layout below it."""
+def plan_outputs(inputs: Sequence[str | Path], out_dir: str | Path,
+                 overwrite: bool = True) -> list[tuple[Path, Path]]:
+    """(input file, output file) pairs: files go to out_dir/name, folders keep their layout below it. An
+    output that is its input is refused; one that exists already only with ``overwrite``."""
     out_dir = Path(out_dir)
     pairs: list[tuple[Path, Path]] = []
     for item in inputs:
@@ -314,22 +316,27 @@ def plan_outputs(inputs: Sequence[str | Path], out_dir: str | Path) -> list[tupl
         if dst in seen:
             raise ValueError(f"{src} and {seen[dst]} would both be written to {dst}: "
                              "straighten them separately")
-        if src.exists() and dst.exists() and dst.resolve() == src.resolve():
+        if src.exists() and dst.exists() and same_file(src, dst):
             raise ValueError(f"{src} would be overwritten: choose an --out folder other than the input's")
         seen[dst] = src
+    taken = [dst for _, dst in pairs if dst.exists()]
+    if taken and not overwrite:
+        raise FileExistsError(f"{len(taken)} output file(s) exist already ({', '.join(map(str, taken[:3]))}"
+                              f"{' ...' if len(taken) > 3 else ''}): pass --overwrite to replace them, or choose "
+                              "another --out folder")
     return pairs
 
 
 def straighten_files(inputs: Sequence[str | Path], out_dir: str | Path | None, model: RotationModel,
                      options: StraightenOptions | None = None, quality: int | None = None,
-                     dry_run: bool = False, on_result=None) -> list[Result]:
+                     dry_run: bool = False, overwrite: bool = False, on_result=None) -> list[Result]:
     """Estimate, decide and (unless ``dry_run``) write each image: rotated ones corrected, kept ones copied
     byte for byte; unreadable files are reported and skipped. ``options``: default the model's own
     window and rule, no test-time augmentation, no lines."""
     options = options or StraightenOptions(window=model.trained_range)
     if out_dir is None and not dry_run:
         raise ValueError("give an output folder (--out DIR), or use --dry-run to only print the angles")
-    pairs = plan_outputs(inputs, out_dir or ".")
+    pairs = plan_outputs(inputs, out_dir or ".", overwrite=overwrite or dry_run)
     if not dry_run:  # every output folder, before the first estimate
         for folder in dict.fromkeys(dst.parent for _, dst in pairs):
             writable_dir(folder, "--out")

@@ -30,8 +30,21 @@ from effvit.data import (
     image_mode,
 )
 from effvit.models.backbone import create_backbone
+from effvit.models.token_merging import MERGE_MODES
+from effvit.models.weights import INTERPOLATIONS
 
-from .config import Config, EmaConfig, LoaderConfig, OptimConfig, RunConfig, SchedConfig, load_config
+from .config import (
+    Config,
+    EmaConfig,
+    LoaderConfig,
+    OptimConfig,
+    RunConfig,
+    SchedConfig,
+    check_range,
+    is_fraction,
+    load_config,
+    require,
+)
 from .distill import DistillationLoss, build_teacher
 from .ib_loss import IBLoss, PreLogits
 from .metrics import classification_stats, summarize_classification
@@ -51,6 +64,16 @@ class ModelConfig:
     channels_last: bool = False
     ltm: float | tuple[float, ...] | None = None  # token merging: keep ratio per block (one or each)
     ltm_mode: str = "learned"  # learned | pool (fixed area-pool merge, the baseline)
+
+    def check(self) -> None:
+        require(self.num_classes is None or self.num_classes >= 1, "model.num_classes", self.num_classes,
+                "a whole number >= 1, or null (the class folders)")
+        require(self.img_size >= 1, "model.img_size", self.img_size, "a size in pixels >= 1")
+        require(self.in_chans >= 1, "model.in_chans", self.in_chans, "1 (grey) or 3 (RGB)")
+        keeps = self.ltm if isinstance(self.ltm, (list, tuple)) else [self.ltm]
+        require(self.ltm is None or all(0 < k <= 1 for k in keeps), "model.ltm", self.ltm,
+                "a keep ratio in (0, 1] or one per block, or null (no merging)")
+        require(self.ltm_mode in MERGE_MODES, "model.ltm_mode", self.ltm_mode, "one of " + ", ".join(MERGE_MODES))
 
 
 @dataclass
@@ -85,6 +108,20 @@ class AugConfig:
     mean: tuple[float, ...] = (0.485, 0.456, 0.406)
     std: tuple[float, ...] = (0.229, 0.224, 0.225)
 
+    def check(self) -> None:
+        check_range("aug.scale", self.scale, 0, 1)
+        check_range("aug.ratio", self.ratio, 0)
+        for key in ("hflip", "re_prob", "mixup_prob", "mixup_switch_prob"):
+            require(is_fraction(getattr(self, key)), f"aug.{key}", getattr(self, key), "a probability in [0, 1]")
+        for key in ("mixup", "cutmix", "color_jitter"):
+            require(getattr(self, key) >= 0, f"aug.{key}", getattr(self, key), "0 (off) or more")
+        require(0 <= self.smoothing < 1, "aug.smoothing", self.smoothing, "in [0, 1)")
+        require(is_fraction(self.crop_pct, open_low=True), "aug.crop_pct", self.crop_pct, "a fraction in (0, 1]")
+        require(self.interpolation in (*INTERPOLATIONS, "random"), "aug.interpolation", self.interpolation,
+                "one of " + ", ".join((*INTERPOLATIONS, "random")))
+        require(len(self.std) > 0 and all(v > 0 for v in self.std), "aug.std", self.std, "positive numbers")
+        require(len(self.mean) == len(self.std), "aug.mean", self.mean, f"{len(self.std)} numbers, as aug.std")
+
 
 @dataclass
 class DistillConfig:
@@ -94,6 +131,11 @@ class DistillConfig:
     type: str = "hard"  # none | soft | hard (DeiT)
     alpha: float = 0.5
     tau: float = 1.0
+
+    def check(self) -> None:
+        require(self.type in ("none", "soft", "hard"), "distill.type", self.type, "none, soft or hard")
+        require(is_fraction(self.alpha), "distill.alpha", self.alpha, "in [0, 1]")
+        require(self.tau > 0, "distill.tau", self.tau, "a temperature above 0")
 
 
 @dataclass
@@ -106,6 +148,14 @@ class IBConfig:
     num_clusters: int = 100  # k-means centroids of the inputs and of the pre-logit features
     beta: float = 1.0  # sharpness of the soft cluster assignments
     input_size: int | None = 32  # images are area-resized to this before clustering (None: full size)
+
+    def check(self) -> None:
+        require(self.weight >= 0, "ib.weight", self.weight, "0 (off) or more")
+        require(self.start_epoch >= 0, "ib.start_epoch", self.start_epoch, "0 or more")
+        require(self.num_clusters >= 2, "ib.num_clusters", self.num_clusters, "a whole number >= 2")
+        require(self.beta > 0, "ib.beta", self.beta, "above 0")
+        require(self.input_size is None or self.input_size >= 1, "ib.input_size", self.input_size,
+                "a size in pixels >= 1, or null")
 
 
 @dataclass

@@ -31,6 +31,32 @@ from typing import Any, TypeVar
 
 import yaml
 
+AMP_MODES = ("none", "bf16", "fp16")
+CLIP_MODES = ("agc", "norm", "value")
+
+
+def require(ok: bool, key: str, value: Any, want: str) -> None:
+    """A ValueError naming the setting ``key`` and what it must be, unless ``ok``."""
+    if not ok:
+        raise ValueError(f"{key}={value!r} is not allowed: it must be {want}")
+
+
+def check_range(key: str, pair: Any, low: float, high: float | None = None) -> None:
+    """``pair`` a (min, max) with low < min <= max (<= high): scales, ratios, angle windows."""
+    ok = isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(v, (int, float)) for v in pair)
+    ok = ok and low < pair[0] <= pair[1] and (high is None or pair[1] <= high)
+    span = f"({low}, {high}]" if high is not None else f"above {low}"
+    require(ok, key, pair, f"[min, max] with min <= max, both {span}")
+
+
+def is_whole(v: Any, least: int = 1) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= least
+
+
+def is_fraction(v: Any, open_low: bool = False) -> bool:
+    """A number in [0, 1] ((0, 1] with ``open_low``)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and (0 < v if open_low else 0 <= v) and v <= 1
+
 
 @dataclass
 class LoaderConfig:
@@ -42,6 +68,15 @@ class LoaderConfig:
     pin_memory: bool = True
     repeated_aug: int = 1  # repeated augmentation: each sample this many times per epoch (1 = off)
     train_fraction: float = 1.0  # use a random subset of the training set each epoch (quick runs)
+
+    def check(self) -> None:
+        require(is_whole(self.batch_size), "data.batch_size", self.batch_size, "a whole number >= 1")
+        require(self.val_batch_size is None or is_whole(self.val_batch_size), "data.val_batch_size",
+                self.val_batch_size, "a whole number >= 1, or null (twice data.batch_size)")
+        require(is_whole(self.num_workers, 0), "data.num_workers", self.num_workers, "a whole number >= 0")
+        require(is_whole(self.repeated_aug), "data.repeated_aug", self.repeated_aug, "a whole number >= 1 (1: off)")
+        require(is_fraction(self.train_fraction, open_low=True), "data.train_fraction", self.train_fraction,
+                "a fraction in (0, 1] of the training set")
 
 
 @dataclass
@@ -57,6 +92,20 @@ class OptimConfig:
     clip_grad: float | None = None
     clip_mode: str = "norm"  # agc | norm | value
 
+    def check(self) -> None:
+        positive = "a number above 0"
+        require(self.lr is None or self.lr > 0, "optim.lr", self.lr, positive + ", or null (scaled from base_lr)")
+        require(self.base_lr > 0, "optim.base_lr", self.base_lr, positive)
+        require(is_whole(self.lr_base_size), "optim.lr_base_size", self.lr_base_size, "a whole number >= 1")
+        require(self.weight_decay >= 0, "optim.weight_decay", self.weight_decay, "0 or more")
+        require(self.eps > 0, "optim.eps", self.eps, positive)
+        require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas", self.betas,
+                "two numbers in [0, 1)")
+        require(0 <= self.momentum <= 1, "optim.momentum", self.momentum, "in [0, 1]")
+        require(self.clip_grad is None or self.clip_grad > 0, "optim.clip_grad", self.clip_grad,
+                positive + ", or null (no clipping)")
+        require(self.clip_mode in CLIP_MODES, "optim.clip_mode", self.clip_mode, "one of " + ", ".join(CLIP_MODES))
+
 
 @dataclass
 class SchedConfig:
@@ -68,6 +117,13 @@ class SchedConfig:
     cooldown_epochs: int = 0
     step_on_epochs: bool = False  # False: the lr changes every step, so short warm-ups are smooth
 
+    def check(self) -> None:
+        require(is_whole(self.epochs), "sched.epochs", self.epochs, "a whole number >= 1")
+        require(self.warmup_epochs >= 0, "sched.warmup_epochs", self.warmup_epochs, "0 or more")
+        require(self.warmup_lr >= 0, "sched.warmup_lr", self.warmup_lr, "0 or more")
+        require(self.min_lr >= 0, "sched.min_lr", self.min_lr, "0 or more")
+        require(is_whole(self.cooldown_epochs, 0), "sched.cooldown_epochs", self.cooldown_epochs, "a whole number >= 0")
+
 
 @dataclass
 class EmaConfig:
@@ -75,6 +131,9 @@ class EmaConfig:
     decay: float = 0.9998
     warmup: bool = False  # timm's decay warm-up (helps short runs)
     evaluate: bool = True  # also evaluate the EMA weights each epoch
+
+    def check(self) -> None:
+        require(0 < self.decay < 1, "ema.decay", self.decay, "in (0, 1), e.g. 0.9998")
 
 
 @dataclass
@@ -95,6 +154,15 @@ class RunConfig:
     stop_after: int | None = None  # stop after this many epochs of this invocation (resume later)
     overwrite: bool = False  # a new run may replace the files of an earlier run in its folder
 
+    def check(self) -> None:
+        require(self.amp in AMP_MODES, "run.amp", self.amp, "one of " + ", ".join(AMP_MODES))
+        require(self.threads in (None, "idle") or is_whole(self.threads), "run.threads", self.threads,
+                "a whole number >= 1, null (torch's default) or 'idle'")
+        require(is_whole(self.eval_every, 0), "run.eval_every", self.eval_every, "a whole number >= 0 (0: never)")
+        require(is_whole(self.log_interval), "run.log_interval", self.log_interval, "a whole number >= 1")
+        require(self.stop_after is None or is_whole(self.stop_after), "run.stop_after", self.stop_after,
+                "a whole number >= 1, or null")
+
 
 class Config:
     """What the engine reads; a task's config derives from it as a dataclass declaring every section
@@ -108,6 +176,13 @@ class Config:
 
     def to_dict(self) -> dict:
         return _plain(dataclasses.asdict(self))
+
+    def check(self) -> None:
+        """Refuse values no run can use (a ValueError naming the key), before anything is written."""
+        for f in dataclasses.fields(self):
+            section = getattr(self, f.name)
+            if hasattr(section, "check"):
+                section.check()
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -336,4 +411,6 @@ def load_config(kind: type[C], path: str | Path | None = None, overrides: list[s
     for o in overrides:
         d = _merge(d, parse_override(o, kind))
     start = config_from_dict(kind, declared_only(kind, base)) if isinstance(base, dict) else base
-    return config_from_dict(kind, d, start)
+    cfg = config_from_dict(kind, d, start)
+    cfg.check()
+    return cfg

@@ -263,11 +263,13 @@ def train_one_epoch(model: nn.Module, task: Task, loader, optimizer, *, epoch: i
         # a step holds collectives (DDP's gradient all-reduce): every rank steps, or none does
         fewest = du.min_over_ranks(n)
         if fewest < MIN_TRAIN_BATCH:
+            unreadable = du.min_over_ranks(-len(bad)) < 0  # on any rank: every rank takes this branch
             if ctx.is_main:
+                why = (f"{fewest} readable image(s) left in a batch after skipping unreadable ones" if unreadable
+                       else f"{fewest} image(s) in the batch")
                 (logger.info if logger else tqdm.write)(
-                    f"warning: step {i + 1}/{steps} dropped{' on every process' * ctx.distributed}: {fewest} "
-                    f"readable image(s) left in a batch after skipping unreadable ones (a training step needs "
-                    f"at least {MIN_TRAIN_BATCH})")
+                    f"warning: step {i + 1}/{steps} dropped{' on every process' * ctx.distributed}: {why} (a "
+                    f"training step needs at least {MIN_TRAIN_BATCH})")
         else:
             inputs, targets = to_device(inputs, ctx.device), to_device(targets, ctx.device)
             if task.channels_last:
@@ -297,6 +299,9 @@ def train_one_epoch(model: nn.Module, task: Task, loader, optimizer, *, epoch: i
     elapsed = time.perf_counter() - t0
     counts = du.all_reduce_sum(torch.stack([loss_sum, seen, torch.tensor(float(skipped), dtype=torch.float64,
                                                                         device=ctx.device)]))
+    if counts[1] == 0:
+        raise ValueError(f"epoch {epoch + 1} took no training step: every batch was dropped (too few readable "
+                         "images per batch); nothing was learned, so the run stops")
     return {"train_loss": float(counts[0] / counts[1].clamp(min=1)),
             "lr": optimizer.param_groups[0]["lr"],
             "train_img_s": float(counts[1]) / elapsed,
@@ -372,6 +377,7 @@ def train(task: Task, cfg: Config, *, output_dir: str | Path | None = None, resu
     from (model, EMA, optimizer, schedule, scaler, RNG states, history). ``ctx``: the process group
     (default: from torchrun's environment).
     """
+    cfg.check()  # before the run folder exists: a refused setting leaves nothing behind
     ctx = ctx or du.init_distributed(cfg.run.device)
     r = cfg.run
     configure_threads(r.threads, ctx)
@@ -425,8 +431,11 @@ def _train(task: Task, cfg: Config, out: Path, resume: str | Path | None, ctx: D
     val_loader = None
     if task.val_dataset is not None and r.eval_every > 0:
         val_loader = build_loader(task.val_dataset, d.val_batch_size or 2 * d.batch_size, **loader_kw)
-    if len(train_loader) == 0:
-        raise ValueError("the training data gives no batch: it is empty or smaller than one per rank")
+    if len(train_loader) == 0 or len(sampler) < MIN_TRAIN_BATCH:
+        raise ValueError(f"the training data gives {len(sampler)} sample(s) per process and epoch "
+                         f"({len(task.train_dataset)} images, data.train_fraction={d.train_fraction}, "
+                         f"{ctx.world_size} process(es)); a training step needs at least {MIN_TRAIN_BATCH}: "
+                         "raise data.train_fraction or add images")
     global_batch = d.batch_size * ctx.world_size
     optimizer = build_optimizer(model, cfg, global_batch)
     scheduler, num_epochs = build_scheduler(optimizer, cfg, len(train_loader))

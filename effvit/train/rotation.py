@@ -25,6 +25,7 @@ from effvit.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD
 from effvit.data import list_images as list_image_files
 from effvit.models.weights import read_checkpoint
 from effvit.rotation.data import FolderImages, RotatedImages, Subset, fashion_mnist
+from effvit.rotation.geometry import CROPS
 from effvit.rotation.methods import get_method
 from effvit.rotation.metrics import THRESHOLDS, circular_error
 from effvit.rotation.model import RotationModel, save_rotation_model
@@ -36,7 +37,10 @@ from .config import (
     OptimConfig,
     RunConfig,
     SchedConfig,
+    check_range,
+    is_fraction,
     load_config,
+    require,
 )
 from .engine import TrainResult
 from .task import Task
@@ -68,6 +72,29 @@ class RotationSettings:
     mean: tuple[float, ...] | None = None  # None: Fashion-MNIST's statistics, or the backbone's
     std: tuple[float, ...] | None = None
 
+    def check(self) -> None:
+        get_method(self.method)  # a typo fails with the list of heads
+        lo, hi = self.angle_range
+        require(lo < hi and hi - lo <= 360, "task.angle_range", self.angle_range,
+                "[low, high) with low < high, at most 360 degrees wide")
+        require(self.crop in CROPS, "task.crop", self.crop, "one of " + ", ".join(CROPS))
+        for key in ("repeats", "val_repeats"):
+            require(getattr(self, key) >= 1, f"task.{key}", getattr(self, key), "a whole number >= 1")
+        require(0 < self.val_fraction < 1, "task.val_fraction", self.val_fraction, "a fraction in (0, 1)")
+        require(self.val_size >= 1, "task.val_size", self.val_size, "a whole number >= 1")
+        require(self.short_side is None or self.short_side >= 1, "task.short_side", self.short_side,
+                "a size in pixels >= 1, or null (full size)")
+        check_range("task.crop_scale", self.crop_scale, 0, 1)
+        if self.jpeg is not None:
+            p, qmin, qmax = self.jpeg
+            require(is_fraction(p) and 1 <= qmin <= qmax <= 100, "task.jpeg", self.jpeg,
+                    "[probability in [0, 1], min quality, max quality] with 1 <= min <= max <= 100, or null")
+        if self.blur is not None:
+            p, radius = self.blur
+            require(is_fraction(p) and radius >= 0, "task.blur", self.blur,
+                    "[probability in [0, 1], max radius >= 0], or null")
+        require(self.std is None or all(v > 0 for v in self.std), "task.std", self.std, "positive numbers, or null")
+
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
@@ -87,6 +114,10 @@ class BackboneConfig:
     pretrained: str | None = None  # backbone weights (any layout), or 'imagenet' (see RotationModel)
     freeze_bn: bool = False  # keep BatchNorm statistics fixed (small data sets)
     channels_last: bool = False
+
+    def check(self) -> None:
+        require(self.img_size >= 1, "model.img_size", self.img_size, "a size in pixels >= 1")
+        require(self.in_chans in (1, 3), "model.in_chans", self.in_chans, "1 (grey) or 3 (RGB)")
 
 
 @dataclass
@@ -114,9 +145,7 @@ class RotationConfig(Config):
 def load_rotation_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), *,
                          base: RotationConfig | dict | None = None, values: dict | None = None) -> RotationConfig:
     """``load_config`` for rotation (a recipe such as 'rotation_photos_m0', overrides), the head checked."""
-    cfg = load_config(RotationConfig, path, overrides, base=base, values=values)
-    get_method(cfg.task.method)  # fail early on a typo
-    return cfg
+    return load_config(RotationConfig, path, overrides, base=base, values=values)
 
 
 class RotationTask(Task):

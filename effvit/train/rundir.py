@@ -41,10 +41,12 @@ class RunFolder:
             others = [p.name for p in self.path.iterdir() if p.name != LOCK]
             if others and not resume:
                 if not overwrite:
+                    last = self.path / "last.pth"
+                    resume_hint = f"resume it with --resume {last}, " if last.is_file() else ""
                     raise FileExistsError(
                         f"run folder {self.path} already holds files ({', '.join(sorted(others)[:5])}"
-                        f"{' ...' if len(others) > 5 else ''}): resume it with --resume {self.path / 'last.pth'}, "
-                        "replace it with --overwrite (run.overwrite=true), or choose another --name")
+                        f"{' ...' if len(others) > 5 else ''}): {resume_hint}replace it with --overwrite "
+                        "(run.overwrite=true), or choose another --name")
                 notes += self._clean(self.path, RUN_FILES, "of the run it replaces")
         except BaseException:
             self.release()
