@@ -24,8 +24,10 @@ from effvit.cli import main
 from effvit.deploy import mobile
 from effvit.deploy.exports import export_model
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("executorch") is None,
-                                reason="ExecuTorch is not installed (the mobile extra: pip install 'effvit[mobile]')")
+# every test but the missing-extra one (which simulates the absence) needs ExecuTorch
+needs_executorch = pytest.mark.skipif(importlib.util.find_spec("executorch") is None,
+                                      reason="ExecuTorch is not installed (the mobile extra: pip install "
+                                      "'effvit[mobile]')")
 
 
 class Toy(nn.Module):
@@ -63,6 +65,7 @@ def _runtime(data: bytes, x: torch.Tensor) -> torch.Tensor:
     return Runtime.get().load_program(data).load_method("forward").execute([x])[0]
 
 
+@needs_executorch
 @pytest.mark.slow
 @torch.no_grad()
 def test_rewrite_keeps_values_and_lowers_whole(toy):
@@ -80,6 +83,7 @@ def test_rewrite_keeps_values_and_lowers_whole(toy):
     assert (_runtime(data, x2) - model(x2)).abs().max() <= 1e-5
 
 
+@needs_executorch
 @pytest.mark.slow
 @torch.no_grad()
 def test_ops_left_to_portable_kernels_are_named():
@@ -93,6 +97,7 @@ def test_ops_left_to_portable_kernels_are_named():
     assert (_runtime(data, x) - Cumsum()(x)).abs().max() <= 1e-5
 
 
+@needs_executorch
 @pytest.mark.slow
 @torch.no_grad()
 def test_int8_pt2e_on_a_small_module(toy):
@@ -127,6 +132,7 @@ def test_missing_extra_is_a_clear_error(tmp_path, monkeypatch, capsys):
     assert "pip install 'effvit[mobile]'" in capsys.readouterr().err and not out.exists()
 
 
+@needs_executorch
 @pytest.mark.slow
 def test_a_failed_check_leaves_no_file(tmp_path, toy, monkeypatch):
     """The program is written under a temporary name and checked before it takes its name: a program that
@@ -142,6 +148,7 @@ def test_a_failed_check_leaves_no_file(tmp_path, toy, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["m0.pte"] and path.read_bytes() == b"an earlier export"
 
 
+@needs_executorch
 @pytest.mark.slow
 @torch.no_grad()
 def test_m0_at_224_fp32_verified(tmp_path):
@@ -166,6 +173,7 @@ def _folder(path, n: int):
     return path
 
 
+@needs_executorch
 @pytest.mark.slow
 def test_cli_fp32_and_int8(tmp_path, classifier, capsys):
     """`effvit export --format executorch --int8` on a small classifier: both programs, the int8 one checked
