@@ -1,5 +1,6 @@
 """CPU deployment forms of effvit and timm side by side: PyTorch, ONNX Runtime and OpenVINO, each in
-fp32, int8 (static QDQ quantization of the ONNX export) and, on CPUs with the units, bf16.
+fp32, int8 (static QDQ quantization of the ONNX export) and, on CPUs with the units, bf16; and, apart,
+ExecuTorch programs with the XNNPACK delegate (fp32 and PT2E int8, batch 1: the on-device runtime).
 
 Both implementations go through the same toolchain from the same weights: timm's model is exported to
 ONNX the usual way and quantized with the same settings as ours. All forms of both sides then run in
@@ -26,16 +27,18 @@ from torch import nn
 
 from effvit.deploy.cpuinfo import bf16_unit
 from effvit.deploy.graph import export_onnx
+from effvit.deploy.mobile import lower_xnnpack, pte_predictor, quantize_pt2e, require_executorch, xnnpack_graph
 from effvit.deploy.openvino import export_openvino, export_openvino_kernel, openvino_predictor
 from effvit.deploy.quantize import ort_predictor, quantize_onnx
 from effvit.kernels.cpu import available as kernel_available
+from effvit.models import fuse
 
 from .forms import effvit_forms, export_plain_onnx, timm_forms
 from .timing import Forward, Timing, alternate, max_abs_diff, pick_fastest, time_forward
 
-__all__ = ["p90", "ort_peak_ops", "deploy_forms", "bench_deploy", "onnx_speed"]
+__all__ = ["p90", "ort_peak_ops", "deploy_forms", "executorch_forms", "bench_deploy", "onnx_speed"]
 
-FP32_FORMS = ("torch fp32", "ort fp32", "openvino fp32")
+FP32_FORMS = ("torch fp32", "ort fp32", "openvino fp32", "executorch fp32")
 
 
 def p90(times: list[float]) -> float:
@@ -146,19 +149,47 @@ def _kernel_forms(model: nn.Module, x: torch.Tensor, workdir: Path, threads: int
     return forms
 
 
+def executorch_forms(model: nn.Module, x: torch.Tensor, workdir: str | Path, threads: int = 1,
+                     peer: nn.Module | None = None, compile: bool = False, probe: float = 1.0,
+                     ) -> dict[tuple[str, str], tuple[str, Forward]]:
+    """{(impl, form): (detail, forward)}: ExecuTorch programs (XNNPACK delegate) at ``x``'s shape, fp32 and
+    PT2E int8 (convolutions and linear layers, calibrated on random images: speed only), of effvit's fused
+    ``model`` and, when given, timm's reparameterised ``peer``, both through the same capture, rewrite and
+    lowering. ``compile`` and ``probe`` are unused (the signature of ``deploy_forms``)."""
+    require_executorch()
+    workdir = Path(workdir)
+    xn = x.numpy()
+    sides = {"effvit": fuse(model)}
+    if peer is not None:
+        sides["timm"] = reparameterize_model(peer)
+    forms: dict[tuple[str, str], tuple[str, Forward]] = {}
+    for impl, m in sides.items():
+        fp32, int8 = workdir / f"{impl}_b{len(x)}.pte", workdir / f"{impl}_b{len(x)}.int8.pte"
+        if not int8.exists():
+            # timm's graph is lowered as it comes: ops XNNPACK leaves to the portable kernels are timed too
+            fp32.write_bytes(lower_xnnpack(xnnpack_graph(m, x), allow_portable=True)[0])
+            program, _ = quantize_pt2e(m, x, _random_calibration(x))
+            int8.write_bytes(lower_xnnpack(program, allow_portable=True)[0])
+        for precision, path in (("fp32", fp32), ("int8", int8)):
+            run = pte_predictor(path, threads)
+            forms[impl, f"executorch {precision}"] = (path.name, lambda run=run: run(xn))
+    return forms
+
+
 def bench_deploy(model: nn.Module, x: torch.Tensor, threads: int, seconds: float, rounds: int,
                  warmup: float = 1.0, peer: nn.Module | None = None, compile: bool = False,
                  probe: float = 1.0, on_round: Callable[[], None] | None = None,
-                 workdir: str | Path | None = None) -> list[dict]:
+                 workdir: str | Path | None = None, forms_of: Callable = deploy_forms) -> list[dict]:
     """Every deployment form of both sides timed in alternating rounds (``seconds`` per form in all;
-    ``workdir`` keeps the exported files for another batch size of the same model);
+    ``workdir`` keeps the exported files for another batch size of the same model; ``forms_of``:
+    ``deploy_forms`` or ``executorch_forms``);
     one dict per form: impl, form, detail, precision, ms_batch, p90_ms, min_ms, img_s, max_abs_diff,
     ratio_vs_timm_fp32 (median over rounds of timm's fastest fp32 form's time / this form's time) and
     best (the fastest form of its side)."""
     with torch.inference_mode():
         ref = model(x).float()
     with tempfile.TemporaryDirectory() as tmp:
-        forms = deploy_forms(model, x, workdir or tmp, threads, peer, compile, probe)
+        forms = forms_of(model, x, workdir or tmp, threads, peer, compile, probe)
         fns = {k: fn for k, (_, fn) in forms.items()}
         timings = alternate(fns, seconds, rounds, torch.device("cpu"), warmup=warmup,
                               on_round=on_round)

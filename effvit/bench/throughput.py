@@ -4,7 +4,8 @@
 Scenarios: ``cpu1`` (``threads`` threads, default 1, batch 16, fp32), ``cpu`` (all threads), ``ort``
 (ONNX Runtime CPU on our export, ``threads`` threads, batch 16), ``gpu`` (batch 2048, fp16 autocast)
 and ``gpu-bf16``; ``deploy`` (batch 16) and ``latency`` (batch 1): every CPU deployment form of both
-sides (PyTorch, ONNX Runtime, OpenVINO; fp32, int8, bf16 where the CPU has it), median and p90.
+sides (PyTorch, ONNX Runtime, OpenVINO; fp32, int8, bf16 where the CPU has it), median and p90;
+``mobile`` (batch 1): both sides as ExecuTorch programs with the XNNPACK delegate, fp32 and int8.
 Each implementation runs in its fastest form (chosen by a short probe), the two alternate in rounds,
 and medians are reported with params, MACs, the output difference to the unfused model and, on CPU,
 the fraction of the measured peak FLOP/s. The thread count and cuDNN's autotuning are set for each
@@ -16,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import datetime
+import importlib.metadata
 import json
 import os
 import platform
@@ -37,7 +39,7 @@ from effvit.models.complexity import count_macs, count_params
 from effvit.plots import pyplot, save_figure
 
 from .forms import effvit_forms, export_plain_onnx, onnx_forward, timm_forms
-from .runtimes import bench_deploy, ort_peak_ops
+from .runtimes import bench_deploy, deploy_forms, executorch_forms, ort_peak_ops
 from .timing import Forward, alternate, cpu_peak_flops, max_abs_diff, pick_fastest, ratio
 from .weights import randomise_norms
 
@@ -46,7 +48,7 @@ __all__ = ["CPU_SCENARIOS", "DEPLOY_SCENARIOS", "GPU_SCENARIOS", "ALL_SCENARIOS"
            "save_bench"]
 
 CPU_SCENARIOS = ("cpu1", "cpu", "ort")
-DEPLOY_SCENARIOS = ("deploy", "latency")  # not in the default set: they export and quantize every model
+DEPLOY_SCENARIOS = ("deploy", "latency", "mobile")  # not in the default set: they export and quantize every model
 GPU_SCENARIOS = ("gpu", "gpu-bf16")
 ALL_SCENARIOS = CPU_SCENARIOS + DEPLOY_SCENARIOS + GPU_SCENARIOS
 COLUMNS = ["model", "scenario", "impl", "form", "device", "precision", "batch", "threads", "img_s",
@@ -124,11 +126,14 @@ def _torch_settings(threads: int, cudnn_benchmark: bool = False) -> Iterator[Non
 
 def _versions() -> dict:
     out = {}
-    for mod in ("timm", "onnxruntime", "onnx", "openvino"):
+    for mod in ("timm", "onnxruntime", "onnx", "openvino", "executorch"):
         try:
-            out[mod] = __import__(mod).__version__
+            module = __import__(mod)
         except ImportError:
             out[mod] = None
+            continue
+        # executorch has no __version__: its distribution's
+        out[mod] = getattr(module, "__version__", None) or importlib.metadata.version(mod)
     return out
 
 
@@ -275,9 +280,10 @@ def _bench_model(name: str, scenario: str, threads: int, s: BenchSettings, peak:
 def bench_deploy_model(name: str, scenario: str, threads: int, settings: BenchSettings, peaks: dict[str, float],
                        workdir: str, on_round: Callable[[], None] | None = None) -> list[dict]:
     """The ``deploy`` (batch 16) and ``latency`` (batch 1) scenarios: every CPU deployment form; the
-    exported files in ``workdir`` serve both. ``peaks``: {'fp32': FLOP/s, 'int8': op/s}."""
+    exported files in ``workdir`` serve both. ``mobile`` (batch 1): the ExecuTorch programs.
+    ``peaks``: {'fp32': FLOP/s, 'int8': op/s}."""
     s = settings
-    batch = 1 if scenario == "latency" else (s.batch or 16)
+    batch = 1 if scenario in ("latency", "mobile") else (s.batch or 16)
     size = s.img_size
     with torch.random.fork_rng():  # the same weights at every batch size: the exported files are shared
         torch.manual_seed(0)
@@ -287,7 +293,8 @@ def bench_deploy_model(name: str, scenario: str, threads: int, settings: BenchSe
     peer = _peer(name, model, size) if s.vs == "timm" else None
     with _torch_settings(threads):
         rows = bench_deploy(model, x, threads, s.seconds, s.rounds, s.warmup, peer, s.compile, s.probe_seconds,
-                            on_round, workdir=workdir)
+                            on_round, workdir=workdir,
+                            forms_of=executorch_forms if scenario == "mobile" else deploy_forms)
     for r in rows:
         peak = peaks["int8" if r["precision"] == "int8" else "fp32"]
         r.update(model=name, scenario=scenario, device="cpu", params_m=round(params / 1e6, 3),

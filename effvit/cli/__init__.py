@@ -29,8 +29,9 @@ def main(argv: list[str] | None = None) -> int:
         with warnings.catch_warnings():
             warnings.showwarning = show  # one line per warning, without the source location
             return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, NotADirectoryError, OSError) as e:
-        # Our errors say what went wrong and what to do; a traceback would only bury that.
+    except (ValueError, FileNotFoundError, NotADirectoryError, OSError, ImportError) as e:
+        # Our errors say what went wrong and what to do (a missing extra: how to install it); a traceback
+        # would only bury that.
         print(f"effvit {args.command}: error: {e}", file=sys.stderr)
         return 2
     except FloatingPointError as e:  # a NaN/inf loss: the message names the last good checkpoint

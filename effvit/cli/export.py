@@ -1,5 +1,5 @@
-"""``effvit export``: the fused inference model as ONNX, TorchScript and/or OpenVINO IR, verified after
-writing; ``--int8`` adds the post-training int8 form, checked against fp32 on held-out images."""
+"""``effvit export``: the fused inference model as ONNX, TorchScript, OpenVINO IR and/or an ExecuTorch program,
+verified after writing; ``--int8`` adds the post-training int8 forms, checked against fp32 on held-out images."""
 
 from __future__ import annotations
 
@@ -20,15 +20,19 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="H [W] fixed in the export (default: the checkpoint's, else 224)")
     p.add_argument("--format", default="onnx,torchscript",
                    help="comma-separated: onnx, torchscript, openvino (IR converted from the ONNX export), "
-                   "openvino-kernel (IR with effvit's C++ attention kernel, and the standard IR beside it)")
+                   "openvino-kernel (IR with effvit's C++ attention kernel, and the standard IR beside it), "
+                   "executorch (.pte with the XNNPACK delegate, batch 1; needs effvit[mobile])")
     p.add_argument("--out", default="exports", help="output folder")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (>= 17)")
     p.add_argument("--dynamo", action="store_true", help="use the torch.export-based ONNX exporter")
     p.add_argument("--atol", type=float, default=1e-4, help="max abs difference accepted by verification")
     p.add_argument("--no-verify", action="store_true", help="skip the ONNX Runtime / reload check")
+    p.add_argument("--allow-portable", action="store_true",
+                   help="executorch: write the program even where XNNPACK leaves ops to the portable kernels")
     q = p.add_argument_group("int8 (post-training static quantization of the ONNX export)")
     q.add_argument("--int8", action="store_true", help="also write NAME.int8.onnx (and NAME.int8.xml with "
-                   "openvino), checked against fp32 on held-out images (the check in NAME.int8.json)")
+                   "openvino; NAME.int8.pte with executorch), checked against fp32 on held-out images (the check "
+                   "in NAME.int8.json, NAME.int8.pte.json)")
     q.add_argument("--calib", metavar="DIR", help="folder of calibration images (default: the checkpoint's "
                    "training data)")
     q.add_argument("--data", metavar="DIR", help="the checkpoint's data root (Fashion-MNIST IDX folder, or "
@@ -51,7 +55,8 @@ def run(args: argparse.Namespace) -> int:
     export_model(model, args.out, formats=formats, opset=args.opset, dynamo=args.dynamo,
                  verify=not args.no_verify, atol=args.atol, int8=args.int8, calib=args.calib, data=args.data,
                  calib_images=args.calib_images, check_images=args.check_images, calib_method=args.calib_method,
-                 int8_ops=args.int8_ops.split(","), min_agreement=args.min_agreement, on_result=print_result)
+                 int8_ops=args.int8_ops.split(","), min_agreement=args.min_agreement,
+                 allow_portable=args.allow_portable, on_result=print_result)
     return 0
 
 
