@@ -9,17 +9,14 @@ from __future__ import annotations
 
 import builtins
 import importlib.util
-import json
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 
 from effvit import create_model, load_model
-from effvit.bench.weights import randomise_norms
 from effvit.cli import main
 from effvit.deploy import mobile
 from effvit.deploy.exports import export_model
@@ -150,52 +147,21 @@ def test_a_failed_check_leaves_no_file(tmp_path, toy, monkeypatch):
 
 @needs_executorch
 @pytest.mark.slow
-@torch.no_grad()
-def test_m0_at_224_fp32_verified(tmp_path):
-    torch.manual_seed(0)
-    model = randomise_norms(create_model("efficientvit_m0")).eval()
-    results = export_model(model, tmp_path, formats=["executorch"])
-    assert [r.format for r in results] == ["executorch"]
-    pte = tmp_path / "efficientvit_m0_224x224.pte"
-    assert results[0].path == pte and results[0].max_abs_diff <= 1e-4
-    assert results[0].record["delegation"]["subgraphs"] == 1 and results[0].record["delegation"]["portable"] == {}
-    assert [p.name for p in tmp_path.iterdir()] == [pte.name]
-    x = torch.randn(2, 3, 224, 224)
-    got = mobile.pte_predictor(pte)(x.numpy())  # two calls of the batch-1 program
-    assert got.shape == (2, 1000) and np.abs(got - model(x).numpy()).max() <= 1e-4
-
-
-def _folder(path, n: int):
-    path.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(n):
-        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(path / f"{i:03d}.png")
-    return path
-
-
-@needs_executorch
-@pytest.mark.slow
-def test_cli_fp32_and_int8(tmp_path, classifier, capsys):
-    """`effvit export --format executorch --int8` on a small classifier: both programs, the int8 one checked
-    against fp32 on the images of the folder not used to calibrate."""
-    calib = _folder(tmp_path / "calib", 24)
+def test_cli_m0_at_224_fp32_verified(tmp_path, classifier, capsys):
+    """`effvit export --format executorch` on a classifier at 224 px (windows, padding and the cascade as
+    deployed): one XNNPACK subgraph, nothing left to the portable kernels, within 1e-4 of PyTorch. The int8
+    program is checked on a small module above and on the make-demo model in BENCHMARKS.md: each whole-model
+    lowering costs a minute of the suite."""
     out = tmp_path / "out"
-    assert main(["export", "--checkpoint", str(classifier), "--format", "executorch", "--int8", "--calib",
-                 str(calib), "--out", str(out), "--min-agreement", "0.9"]) == 0
+    assert main(["export", "--checkpoint", str(classifier), "--img-size", "224", "--format", "executorch",
+                 "--out", str(out)]) == 0
     text = capsys.readouterr().out
-    stem = "efficientvit_m0_32x32"
-    # only the ExecuTorch forms: no ONNX int8 when ONNX is not asked for
-    assert sorted(p.name for p in out.iterdir()) == [f"{stem}.int8.pte", f"{stem}.int8.pte.json", f"{stem}.pte"]
+    pte = out / "efficientvit_m0_224x224.pte"
+    assert [p.name for p in out.iterdir()] == [pte.name]
     assert "verified with ExecuTorch's runtime" in text and "XNNPACK delegate: all" in text
-    assert "top-1 agreement with fp32" in text and "12 held-out images" in text
-    record = json.loads((out / f"{stem}.int8.pte.json").read_text())
-    assert record["calibration_images"] == 12 and record["agreement"] >= 0.9
-    assert record["delegation"]["portable"] == {}
-    model = load_model(classifier).eval()
-    x = torch.randn(1, 3, 32, 32)
+    model = load_model(classifier, img_size=(224, 224)).eval()
+    x = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
         ref = model(x).numpy()
-    fp32 = mobile.pte_predictor(out / f"{stem}.pte")(x.numpy())
-    int8 = mobile.pte_predictor(out / f"{stem}.int8.pte")(x.numpy())
-    assert np.abs(fp32 - ref).max() <= 1e-4
-    assert 0 < np.abs(int8 - ref).max() <= 0.2 * np.abs(ref).max() + 0.05
+    got = mobile.pte_predictor(pte)(x.numpy())  # two calls of the batch-1 program
+    assert got.shape == (2, 4) and np.abs(got - ref).max() <= 1e-4
