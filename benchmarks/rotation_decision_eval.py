@@ -4,7 +4,8 @@ photos, then the harm and the good it does on unseen photos.
 Each photo of a set gives upright samples (the photo itself and ``--upright-crops`` random crops of
 40-100% of its area, angle 0) and tilted samples (``--tilts`` fixed angles uniform in [-45, 45), seed 0,
 max-area crop), all at a shorter side of at most 640 px. Every sample is estimated exactly as
-``straighten`` does (``estimate`` with the test-time augmentation of ``--tta``, answers within +-45) and
+``straighten`` does (``estimate`` with the test-time augmentation of ``--tta`` and the line refinement
+unless ``--no-lines``: straighten's defaults; answers within +-45) and
 judged by ``DecisionRule(min_confidence=C)`` (a tilt below the crop's one-pixel change is kept too).
 
 The rates, per set and threshold C:
@@ -71,9 +72,9 @@ def make_set(folder: str, tilts: int, crops: int, seed: int = 0) -> dict:
             "names": src.names}
 
 
-def run_estimates(model, images: list[Image.Image], tta: str) -> tuple[np.ndarray, np.ndarray, float]:
+def run_estimates(model, images: list[Image.Image], tta: str, lines: bool) -> tuple[np.ndarray, np.ndarray, float]:
     t0 = time.perf_counter()
-    out = [estimate(model, [im], WINDOW, **TTA[tta])[0] for im in images]
+    out = [estimate(model, [im], WINDOW, lines=lines, **TTA[tta])[0] for im in images]
     return np.array([a for a, _ in out]), np.array([c for _, c in out]), (time.perf_counter() - t0) / len(images)
 
 
@@ -116,6 +117,8 @@ def main() -> int:
     ap.add_argument("--tilts", type=int, default=6, help="tilted samples per photo")
     ap.add_argument("--upright-crops", type=int, default=1, help="upright crops per photo besides the photo")
     ap.add_argument("--tta", default="full", choices=list(TTA), help="test-time augmentation (straighten's)")
+    ap.add_argument("--lines", action=argparse.BooleanOptionalAction, default=True,
+                    help="the line refinement (straighten's default: on)")
     ap.add_argument("--max-rate", type=float, default=5.0, help="percent: the most harm the threshold allows")
     ap.add_argument("--out", required=True)
     ap.add_argument("--threads", type=int, default=1)
@@ -138,8 +141,8 @@ def main() -> int:
         model = load_rotation_model(path)
         per = {}
         for set_name, s in sets.items():
-            ua, uc, t1 = run_estimates(model, s["upright"], args.tta)
-            ta, tc, t2 = run_estimates(model, s["tilted"], args.tta)
+            ua, uc, t1 = run_estimates(model, s["upright"], args.tta, args.lines)
+            ta, tc, t2 = run_estimates(model, s["tilted"], args.tta, args.lines)
             est = {"up_angle": ua, "up_conf": uc, "ti_angle": ta, "ti_conf": tc}
             per[set_name] = (est, [im.size for im in s["upright"]], [im.size for im in s["tilted"]], s["tilt"])
             print(f"  {name} on {set_name}: {(t1 + t2) * 500:.0f} ms per sample", flush=True)
