@@ -197,3 +197,15 @@ def test_photo_check_split_and_drop_list_errors(tmp_path):
     with pytest.raises(ValueError, match="drops.txt:1: expected"):
         read_drops(bad)
     assert read_drops(None) == []
+
+
+def test_wheel_license_text_falls_back_to_the_classifiers(tmp_path):
+    from effvit.rotation.pool import Fetched, license_of
+
+    info = tmp_path / "pkg-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: pkg\nLicense: Files: *\n        Copyright: the "
+                                   "authors\n        License: BSD-3-Clause\nAuthor: A. Author\n"
+                                   "Classifier: License :: OSI Approved :: BSD License\n\nLong description\n")
+    fetched = Fetched(Source.parse("pypi:pkg"), tmp_path, "1.0", "0" * 64)
+    assert license_of(fetched, "pkg/data/a.png") == ("BSD License", "A. Author")

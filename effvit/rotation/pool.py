@@ -26,6 +26,7 @@ The reserved independent-test sources (``RESERVED``) are refused as pool sources
 from __future__ import annotations
 
 import csv
+import email.parser
 import fnmatch
 import hashlib
 import io
@@ -386,10 +387,13 @@ def _debian_license(fetched: Fetched, path: str) -> tuple[str, str]:
 
 def _metadata_license(fetched: Fetched) -> tuple[str, str]:
     for meta in fetched.root.glob("*.dist-info/METADATA"):
-        text = meta.read_text(errors="replace")
-        fields = dict(re.findall(r"^(License-Expression|License|Author|Author-email): (.*)$", text, re.M))
-        licence = fields.get("License-Expression") or fields.get("License", "")
-        return licence.splitlines()[0] if licence else "", fields.get("Author") or fields.get("Author-email", "")
+        fields = email.parser.Parser().parsestr(meta.read_text(errors="replace"), headersonly=True)
+        licence = fields.get("License-Expression") or fields.get("License") or ""
+        if "\n" in licence.strip() or not licence:  # a whole license text: the classifiers name it
+            names = [c.split("::")[-1].strip() for c in fields.get_all("Classifier") or []
+                     if c.startswith("License ::")]
+            licence = "; ".join(names) or (licence.strip().splitlines() or ["unknown"])[0]
+        return licence.strip(), fields.get("Author") or fields.get("Author-email") or ""
     pkg = fetched.root / "package" / "package.json"
     if pkg.is_file():
         meta = json.loads(pkg.read_text())
