@@ -15,6 +15,8 @@ The rates, per set and threshold C:
 - tilted fixed: the share of tilted samples within 2 degrees after the decision; and the MAE after it.
 The default C is the smallest threshold at which both rates are at most ``--max-rate`` on the
 ``--val`` photos (never the test photos); the test and independent sets are then measured at that C.
+``--save DIR`` writes each model again (fp16) as DIR/NAME.safetensors with that C in its metadata
+(``min_confidence``: the default threshold ``straighten`` then applies).
 
     python benchmarks/rotation_decision_eval.py --model new=runs/rotation/full/cgd.safetensors \\
         --model bundled=effvit/assets/rotation_lite0_photos.safetensors --val runs/rotation/pool/val \\
@@ -34,9 +36,9 @@ from PIL import Image
 
 from effvit.data import resize_short
 from effvit.rotation.data import FolderImages, RotatedImages
-from effvit.rotation.decision import ROTATED, DecisionRule
+from effvit.rotation.decision import MODEL_KEY, ROTATED, DecisionRule
 from effvit.rotation.metrics import circular_error, rotation_metrics
-from effvit.rotation.model import load_rotation_model
+from effvit.rotation.model import load_rotation_model, save_rotation_model
 from effvit.rotation.straighten import TTA, estimate
 
 WINDOW = (-45.0, 45.0)
@@ -121,6 +123,7 @@ def main() -> int:
                     help="the line refinement (straighten's default: on)")
     ap.add_argument("--max-rate", type=float, default=5.0, help="percent: the most harm the threshold allows")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--save", default=None, metavar="DIR", help="write each model with its chosen threshold")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -156,6 +159,10 @@ def main() -> int:
                            "upright_abs_angle_median": float(np.median(np.abs(est["up_angle"]))),
                            "predictions": {k: v.round(4).tolist() for k, v in est.items()}}
         results.setdefault("models", {})[name] = r
+        if args.save:
+            saved = save_rotation_model(model, Path(args.save) / f"{name}.safetensors", half=True,
+                                        extra={MODEL_KEY: round(chosen, 4)})
+            r["saved"] = str(saved)
         (out / "results.json").write_text(json.dumps(results, indent=1))
         print(f"{name}: min confidence chosen on val {chosen:.3f}", flush=True)
         for set_name in per:
