@@ -36,7 +36,7 @@ from PIL import Image
 
 from effvit.data import resize_short
 from effvit.rotation.data import FolderImages, RotatedImages
-from effvit.rotation.decision import MODEL_KEY, ROTATED, DecisionRule
+from effvit.rotation.decision import MODEL_KEY, DecisionRule, choose_min_confidence, rule_outcome
 from effvit.rotation.metrics import circular_error, rotation_metrics
 from effvit.rotation.model import load_rotation_model, save_rotation_model
 from effvit.rotation.straighten import TTA, estimate
@@ -80,34 +80,20 @@ def run_estimates(model, images: list[Image.Image], tta: str, lines: bool) -> tu
     return np.array([a for a, _ in out]), np.array([c for _, c in out]), (time.perf_counter() - t0) / len(images)
 
 
+def pairs(est: dict, sizes_up: list, sizes_tilt: list, tilt: np.ndarray) -> tuple[list, list]:
+    """The (angle, confidence, size[, true tilt]) tuples ``rule_outcome`` takes."""
+    return (list(zip(est["up_angle"], est["up_conf"], sizes_up)),
+            list(zip(est["ti_angle"], est["ti_conf"], sizes_tilt, tilt)))
+
+
 def outcome(est: dict, sizes_up: list, sizes_tilt: list, tilt: np.ndarray, c: float) -> dict:
     """The rates and errors of one set at threshold ``c``."""
-    rule = DecisionRule(min_confidence=c)
-    up_rot = np.array([rule.decide(a, k, s).action == ROTATED for a, k, s in
-                       zip(est["up_angle"], est["up_conf"], sizes_up)])
-    ti_rot = np.array([rule.decide(a, k, s).action == ROTATED for a, k, s in
-                       zip(est["ti_angle"], est["ti_conf"], sizes_tilt)])
-    err = np.abs(circular_error(est["ti_angle"], tilt))  # a rotated sample is left with the estimate's error
-    after = np.where(ti_rot, err, np.abs(tilt))
-    turned = up_rot & (np.abs(est["up_angle"]) > 1.0)
-    return {"min_confidence": c, "upright_turned": 100.0 * float(turned.mean()),
-            "upright_rotated": 100.0 * float(up_rot.mean()),
-            "tilted_worse": 100.0 * float((ti_rot & (err > np.abs(tilt))).mean()),
-            "tilted_rotated": 100.0 * float(ti_rot.mean()),
-            "tilted_fixed2": 100.0 * float((after <= 2.0).mean()), "mae_after": float(after.mean()),
-            "mae_before": float(np.abs(tilt).mean())}
+    return rule_outcome(DecisionRule(min_confidence=c), *pairs(est, sizes_up, sizes_tilt, tilt))
 
 
 def choose(est: dict, sizes_up, sizes_tilt, tilt, max_rate: float) -> tuple[float, list[dict]]:
-    """The smallest threshold (among the confidences seen, and 0) with both rates <= max_rate."""
-    cands = np.unique(np.concatenate([[0.0], est["up_conf"], est["ti_conf"], [1.0]]))
-    sweep = []
-    for c in cands:
-        r = outcome(est, sizes_up, sizes_tilt, tilt, float(c))
-        sweep.append(r)
-        if r["upright_turned"] <= max_rate and r["tilted_worse"] <= max_rate:
-            return float(c), sweep
-    return 1.0, sweep
+    """The smallest threshold with both rates <= max_rate (``choose_min_confidence``)."""
+    return choose_min_confidence(*pairs(est, sizes_up, sizes_tilt, tilt), max_rate=max_rate)
 
 
 def main() -> int:
