@@ -19,7 +19,8 @@ import numpy as np
 
 from effvit.plots import pyplot, save_figure
 
-SETS = (("test", "pool test photos"), ("independent", "independent photos"))
+SETS = (("val", "validation photos (best epoch)"), ("test", "pool test photos"),
+        ("independent", "independent photos"))
 
 
 def points(results: dict) -> dict[int, dict[str, float]]:
@@ -31,7 +32,7 @@ def points(results: dict) -> dict[int, dict[str, float]]:
     if method and method in results.get("methods", {}):
         runs.append({"photos": len(results["photos"]["train"]), **results["methods"][method]})
     for r in runs:
-        out[int(r["photos"])] = {"test": r["subdegree"]["mae"],
+        out[int(r["photos"])] = {"val": min(h["val_mae"] for h in r["history"]), "test": r["subdegree"]["mae"],
                                  **({"independent": r["independent"]["subdegree"]["mae"]}
                                     if "independent" in r else {})}
     return out
@@ -56,24 +57,26 @@ def main() -> int:
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     lines = ["| training photos | runs | " + " | ".join(f"MAE, {label}" for _, label in SETS) + " |",
-             "|---|---|---|---|"]
-    for (key, label), colour in zip(SETS, ("C0", "C1")):
+             "|" + "---|" * (len(SETS) + 2)]
+    zero = dict(zip(("test", "independent"), args.zero)) if args.zero else {}
+    for (key, label), colour in zip(SETS, ("C2", "C0", "C1")):
         xs = [n for n in sizes if runs[n].get(key)]
         if not xs:
             continue
         ax.plot(xs, [np.mean(runs[n][key]) for n in xs], "o-", color=colour, label=label)
         for n in xs:
             ax.plot([n] * len(runs[n][key]), runs[n][key], ".", color=colour, alpha=0.5)
-        if args.zero:
-            ax.axhline(args.zero[SETS.index((key, label))], color=colour, ls=":", lw=1,
-                       label=f"answering 0, {label}")
+        if key in zero:
+            ax.axhline(zero[key], color=colour, ls=":", lw=1, label=f"answering 0, {label}")
     for n in sizes:
         cells = [f"{np.mean(runs[n][k]):.2f}" + (f" ({min(runs[n][k]):.2f}-{max(runs[n][k]):.2f})"
                                                  if len(runs[n][k]) > 1 else "") if runs[n].get(k) else "-"
                  for k, _ in SETS]
         lines.append(f"| {n} | {max(len(v) for v in runs[n].values())} | " + " | ".join(cells) + " |")
+    ax.axhline(3.0, color="grey", ls="--", lw=1, label="3 degrees")
     ax.set_xscale("log")
     ax.set_xticks(sizes, [str(n) for n in sizes])
+    ax.set_xticks([], minor=True)
     ax.set_xlabel("training photos")
     ax.set_ylabel("MAE, degrees (tilts within +-45)")
     ax.set_title(f"EfficientNet-Lite0 fine-tuned, {(method or '').upper()} head")
