@@ -27,7 +27,8 @@ def points(results: dict) -> dict[int, dict[str, float]]:
     """{training photos: {set: MAE}} of one results file."""
     out = {}
     curve = results.get("curve", {})
-    method = next(iter(curve.values()))["method"] if curve else None
+    # the curve's head, or the one head of a run without a curve (another seed)
+    method = next(iter(curve.values()))["method"] if curve else next(iter(results.get("methods", {})), None)
     runs = list(curve.values())
     if method and method in results.get("methods", {}):
         runs.append({"photos": len(results["photos"]["train"]), **results["methods"][method]})
@@ -49,7 +50,8 @@ def main() -> int:
     method = None
     for path in args.results:
         results = json.loads(Path(path).read_text())
-        method = method or next(iter(results.get("curve", {}).values()), {}).get("method")
+        method = method or next(iter(results.get("curve", {}).values()), {}).get("method") or \
+            next(iter(results.get("methods", {})), None)
         for n, maes in points(results).items():
             for k, v in maes.items():
                 runs[n][k].append(v)
