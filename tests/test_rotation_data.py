@@ -156,3 +156,25 @@ def test_centre_square_and_to_input():
     assert x.shape == (3, 50, 50) and x[0].mean().item() == pytest.approx(1.0) and x[1].mean() == -1.0
     with pytest.raises(ValueError, match="3-channel"):
         to_input(img, 50, (0.5,), (0.5,))
+
+
+def test_colour_and_noise_are_seeded_and_noise_is_set_at_the_output_size():
+    grey = np.full((1, 80, 80, 3), 128, np.uint8)
+    kw = dict(size=20, mean=(0, 0, 0), std=(1 / 255,) * 3, angle_range=(-5, 5), seed=4, repeats=6)
+    plain = RotatedImages(ArrayImages(grey), **kw)
+    jitter = RotatedImages(ArrayImages(grey), colour=(1.0, 0.4), **kw)
+    a, b = jitter[0][0], jitter[0][0]
+    assert torch.equal(a, b)  # a seeded sample is fixed, colour included
+    shifts = [float(jitter[i][0].mean() - plain[i][0].mean()) for i in range(6)]
+    assert max(abs(s) for s in shifts) > 5 and len({round(s, 3) for s in shifts}) > 1  # per-sample factors
+    # the same sigma draw at two input resolutions gives about the same noise at the output size
+    stds = []
+    for side in (20, 40):
+        flat = ArrayImages(np.full((1, side, side, 3), 128, np.uint8))
+        noisy = RotatedImages(flat, noise=(1.0, 12.0), **dict(kw, angle_range=(0, 1e-6)))
+        stds.append(float(noisy[0][0].std()))
+    assert 0.5 < stds[0] <= 12.0 * 1.1 and 0.8 < stds[1] / stds[0] < 1.25
+    with pytest.raises(ValueError, match="probability"):
+        RotatedImages(ArrayImages(grey), noise=(2.0, 5.0), **kw)
+    with pytest.raises(ValueError, match="colour strength"):
+        RotatedImages(ArrayImages(grey), colour=(0.5, 1.5), **kw)

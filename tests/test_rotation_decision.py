@@ -10,7 +10,15 @@ from PIL import Image
 from test_rotation_model import constant_model
 
 from effvit.cli import main
-from effvit.rotation.decision import KEPT, ROTATED, DecisionRule, one_pixel_angle, summary
+from effvit.rotation.decision import (
+    KEPT,
+    ROTATED,
+    DecisionRule,
+    choose_min_confidence,
+    one_pixel_angle,
+    rule_outcome,
+    summary,
+)
 from effvit.rotation.geometry import crop_size
 from effvit.rotation.model import RotationModel, save_rotation_model
 from effvit.rotation.straighten import StraightenOptions, straighten_files, straighten_image, straighten_photo
@@ -136,3 +144,24 @@ def test_cli_table_json_and_summary_line(tmp_path, capsys):
     assert capsys.readouterr().out.rstrip().endswith("2 rotated, 0 kept, 1 unreadable (dry run: nothing written)")
     assert main(args + ["--dry-run", "--always", "--min-confidence", "0.5"]) == 2
     assert "contradicts" in capsys.readouterr().err
+
+
+def test_rule_outcome_counts_the_harm_and_the_good():
+    size = (1000, 800)  # its one-pixel angle is about 0.06 degree
+    upright = [(0.5, 0.9, size), (3.0, 0.95, size), (-4.0, 0.6, size), (2.0, 0.7, size)]
+    tilted = [(9.0, 0.97, size, 10.0), (5.0, 0.5, size, -20.0), (28.0, 0.85, size, 30.0)]
+    every = rule_outcome(DecisionRule.always(), upright, tilted)
+    assert every["upright_rotated"] == 100.0 and every["upright_turned"] == 75.0  # 0.5 deg is no turn
+    assert every["tilted_worse"] == pytest.approx(100 / 3)  # 5 deg for a -20 deg tilt: 25 deg off
+    assert every["tilted_fixed2"] == pytest.approx(200 / 3) and every["mae_after"] == pytest.approx(28 / 3)
+    sure = rule_outcome(DecisionRule(0.8), upright, tilted)
+    assert sure["upright_turned"] == 25.0 and sure["tilted_worse"] == 0.0 and sure["tilted_rotated"] == \
+        pytest.approx(200 / 3)
+    assert sure["mae_after"] == pytest.approx((1 + 20 + 2) / 3) and sure["mae_before"] == pytest.approx(20.0)
+    # the smallest threshold within the limits; none at all gives 1.0 (never act)
+    chosen, tried = choose_min_confidence(upright, tilted, max_rate=30.0)
+    assert chosen == 0.85 and [t["min_confidence"] for t in tried] == [0.0, 0.5, 0.6, 0.7, 0.85]
+    assert choose_min_confidence(upright, tilted, max_rate=0.0)[0] == 0.97  # only the best estimate acts
+    assert choose_min_confidence([(3.0, 0.99, size)], tilted[:1], max_rate=5.0)[0] == 1.0  # a sure wrong one
+    with pytest.raises(ValueError, match="upright and one tilted"):
+        rule_outcome(DecisionRule(0.5), [], tilted)

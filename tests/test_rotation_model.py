@@ -225,6 +225,9 @@ def test_bundled_photo_model_runs_straighten_by_default(tmp_path, capsys):
     assert DEFAULT_MODEL.stat().st_size < 10e6
     model = load_rotation_model()
     assert model.trained_range == (-45.0, 45.0) and model.config["backbone"] == "timm/efficientnet_lite0"
+    # its default threshold, chosen on validation photos, is recorded in the file and used by default
+    assert 0.0 < model.config["min_confidence"] < 1.0
+    assert DecisionRule.for_model(model.config).min_confidence == model.config["min_confidence"]
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 256, (80, 120, 3), dtype=np.uint8)).save(tmp_path / "x.jpg")
     assert main(["straighten", str(tmp_path / "x.jpg"), "--dry-run", "--json"]) == 0

@@ -69,6 +69,7 @@ def fake_tree(root: Path) -> dict[str, Path]:
                                                    "License: BSD-3-Clause\nAuthor: The Pkg Team\n")
     photo(10, (400, 300)).save(whl / "pkg/data/big_copy.png")  # the wallpaper again, smaller
     photo(20).save(whl / "pkg/data/own.png")
+    photo(11).resize((360, 270)).save(whl / "pkg/data/render_copy.png")  # goes with the dropped render
     npm = root / "npmpkg" / "package"
     (npm / "fixtures").mkdir(parents=True)
     (npm / "package.json").write_text(json.dumps({"name": "npmpkg", "version": "3.0.1", "license": "MIT",
@@ -125,6 +126,9 @@ def test_pool_from_a_fake_package_tree(tmp_path):
     assert rejected["pypi:pkg:pkg/data/big_copy.png"].startswith(
         "duplicate of debian:wall:usr/share/backgrounds/nature/big.jpg")
     assert rejected["debian:wall:usr/share/backgrounds/art/render.png"] == "dropped: a 3D render"
+    assert rejected["pypi:pkg:pkg/data/render_copy.png"].startswith(
+        "duplicate of debian:wall:usr/share/backgrounds/art/render.png")
+    assert rejected["pypi:pkg:pkg/data/render_copy.png"].endswith("dropped with it: a 3D render")
     assert rejected["debian:wall:usr/share/backgrounds/art/flat.png"].startswith("flat")
     assert rejected["debian:wall:usr/share/backgrounds/art/cutout.png"].startswith("see-through")
     assert rejected["debian:wall:usr/share/backgrounds/nature/small.jpg"].startswith("small (200x150")
@@ -193,3 +197,15 @@ def test_photo_check_split_and_drop_list_errors(tmp_path):
     with pytest.raises(ValueError, match="drops.txt:1: expected"):
         read_drops(bad)
     assert read_drops(None) == []
+
+
+def test_wheel_license_text_falls_back_to_the_classifiers(tmp_path):
+    from effvit.rotation.pool import Fetched, license_of
+
+    info = tmp_path / "pkg-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: pkg\nLicense: Files: *\n        Copyright: the "
+                                   "authors\n        License: BSD-3-Clause\nAuthor: A. Author\n"
+                                   "Classifier: License :: OSI Approved :: BSD License\n\nLong description\n")
+    fetched = Fetched(Source.parse("pypi:pkg"), tmp_path, "1.0", "0" * 64)
+    assert license_of(fetched, "pkg/data/a.png") == ("BSD License", "A. Author")

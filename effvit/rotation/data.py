@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter
 from torch.utils.data import Dataset
+from torchvision.transforms import functional as TF
 
 from effvit.data import FashionMNIST, Unreadable, list_images, load_image, resize_short
 
@@ -157,14 +158,19 @@ class RotatedImages(Dataset):
     source image appears that many times per epoch (several crops and angles of a small photo pool).
     Augmentation, all off by default (the paper uses none): ``crop_scale`` random crop of the upright
     image covering that fraction of its area, ``hflip`` (a mirrored upright photo is still upright),
-    ``jpeg`` = (probability, min quality, max quality) re-compression after the rotation, ``blur`` =
-    (probability, max Gaussian radius in output pixels).
+    ``colour`` = (probability, strength): brightness, contrast and saturation each scaled by a factor in
+    [1 - strength, 1 + strength] and the hue shifted by up to strength / 10 of the circle (torchvision's
+    colour functions, with factors drawn from the sample's own generator so a seeded set stays fixed),
+    ``noise`` = (probability, max Gaussian sigma in 0..255 units at the output size), ``jpeg`` =
+    (probability, min quality, max quality) re-compression after the rotation, ``blur`` = (probability,
+    max Gaussian radius in output pixels).
     """
 
     def __init__(self, source, size: int, mean: Sequence[float], std: Sequence[float],
                  angle_range: tuple[float, float] = FULL_CIRCLE, crop: str = "max_area",
                  seed: int | None = None, repeats: int = 1, crop_scale: tuple[float, float] = (1.0, 1.0),
-                 hflip: bool = False,
+                 hflip: bool = False, colour: tuple[float, float] | None = None,
+                 noise: tuple[float, float] | None = None,
                  jpeg: tuple[float, int, int] | None = None, blur: tuple[float, float] | None = None):
         if crop not in CROPS:
             raise ValueError(f"unknown crop {crop!r}; choose from {', '.join(CROPS)}")
@@ -175,9 +181,17 @@ class RotatedImages(Dataset):
             raise ValueError(f"crop_scale must satisfy 0 < min <= max <= 1, got {crop_scale}")
         if size < 1 or repeats < 1:
             raise ValueError(f"size and repeats must be >= 1, got {size}, {repeats}")
+        for label, aug in (("colour", colour), ("noise", noise), ("jpeg", jpeg), ("blur", blur)):
+            if aug is not None and not 0.0 <= aug[0] <= 1.0:
+                raise ValueError(f"{label}'s first value is a probability in [0, 1], got {aug}")
+        if colour is not None and not 0.0 <= colour[1] < 1.0:
+            raise ValueError(f"colour strength must be in [0, 1), got {colour[1]}")
+        if noise is not None and not noise[1] >= 0.0:
+            raise ValueError(f"noise sigma must be >= 0, got {noise[1]}")
         self.source, self.size, self.mean, self.std = source, int(size), tuple(mean), tuple(std)
         self.angle_range, self.crop, self.seed, self.repeats = (lo, hi), crop, seed, int(repeats)
         self.crop_scale, self.hflip, self.jpeg, self.blur = tuple(crop_scale), hflip, jpeg, blur
+        self.colour, self.noise = colour, noise
 
     def __len__(self) -> int:
         return len(self.source) * self.repeats
@@ -213,6 +227,19 @@ class RotatedImages(Dataset):
         top = int(rng.integers(0, h - ch + 1))
         return img.crop((left, top, left + cw, top + ch))
 
+    @staticmethod
+    def _colour(img: Image.Image, rng: np.random.Generator, strength: float) -> Image.Image:
+        """Brightness, contrast, saturation and hue changed in a random order (as ColorJitter does)."""
+        ops = [(TF.adjust_brightness, rng.uniform(1 - strength, 1 + strength)),
+               (TF.adjust_contrast, rng.uniform(1 - strength, 1 + strength))]
+        if img.mode == "RGB":  # saturation and hue mean nothing for a grey image
+            ops += [(TF.adjust_saturation, rng.uniform(1 - strength, 1 + strength)),
+                    (TF.adjust_hue, rng.uniform(-strength / 10, strength / 10))]
+        for k in rng.permutation(len(ops)):
+            fn, factor = ops[k]
+            img = fn(img, float(factor))
+        return img
+
     def render(self, i: int) -> tuple[Image.Image, float]:
         """Sample i as a PIL image (rotated, cropped, degraded, not yet resized) and its angle."""
         rng = self._rng(i)
@@ -224,6 +251,16 @@ class RotatedImages(Dataset):
         if self.hflip and rng.random() < 0.5:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         img = rotate_crop(img, theta, self.crop)
+        if self.colour is not None and rng.random() < self.colour[0]:
+            img = self._colour(img, rng, self.colour[1])
+        if self.noise is not None and rng.random() < self.noise[0]:
+            # sigma given at the output size: shrinking by a factor f (Pillow's antialiasing bilinear
+            # filter) divides white noise by about 1.5 f, so draw it that much stronger here
+            f = min(img.size) / self.size
+            sigma = rng.uniform(0.0, self.noise[1]) * (1.5 * f if f > 1 else 1.0)
+            arr = np.asarray(img, dtype=np.float32)
+            arr = arr + rng.normal(0.0, sigma, arr.shape).astype(np.float32)
+            img = Image.fromarray(np.clip(arr + 0.5, 0, 255).astype(np.uint8), img.mode)
         if self.jpeg is not None and rng.random() < self.jpeg[0]:
             buf = io.BytesIO()
             img.save(buf, "JPEG", quality=int(rng.integers(self.jpeg[1], self.jpeg[2] + 1)))

@@ -13,7 +13,8 @@ Steps, each a function here and all of them run by ``build_pool`` (``benchmarks/
    several packages): the largest copy is kept.
 4. ``contact_sheets``: numbered thumbnails of what is left, to be looked at; whatever is no upright
    natural photo (drawings, renders, abstract art, rotated or mirrored shots) goes into the drop list,
-   a text file of ``package:path-pattern  # reason`` lines that is applied on the next run.
+   a text file of ``package:path-pattern  # reason`` lines that is applied on the next run, after the
+   deduplication: a dropped photo takes its copies with it (the sheets show one copy of each).
 5. ``split_of``: train / val / test by a hash of the photo's content, so the split is fixed per photo
    and does not move when other photos come or go.
 6. The pool: each photo once, upright, as PNG with its shorter side at most ``short_side``, and
@@ -25,6 +26,7 @@ The reserved independent-test sources (``RESERVED``) are refused as pool sources
 from __future__ import annotations
 
 import csv
+import email.parser
 import fnmatch
 import hashlib
 import io
@@ -385,10 +387,13 @@ def _debian_license(fetched: Fetched, path: str) -> tuple[str, str]:
 
 def _metadata_license(fetched: Fetched) -> tuple[str, str]:
     for meta in fetched.root.glob("*.dist-info/METADATA"):
-        text = meta.read_text(errors="replace")
-        fields = dict(re.findall(r"^(License-Expression|License|Author|Author-email): (.*)$", text, re.M))
-        licence = fields.get("License-Expression") or fields.get("License", "")
-        return licence.splitlines()[0] if licence else "", fields.get("Author") or fields.get("Author-email", "")
+        fields = email.parser.Parser().parsestr(meta.read_text(errors="replace"), headersonly=True)
+        licence = fields.get("License-Expression") or fields.get("License") or ""
+        if "\n" in licence.strip() or not licence:  # a whole license text: the classifiers name it
+            names = [c.split("::")[-1].strip() for c in fields.get_all("Classifier") or []
+                     if c.startswith("License ::")]
+            licence = "; ".join(names) or (licence.strip().splitlines() or ["unknown"])[0]
+        return licence.strip(), fields.get("Author") or fields.get("Author-email") or ""
     pkg = fetched.root / "package" / "package.json"
     if pkg.is_file():
         meta = json.loads(pkg.read_text())
@@ -439,10 +444,6 @@ def build_pool(sources: Iterable[Source], cache: Path, out: Path, drops: Sequenc
         report.rejected += rejected
         n = 0
         for c in found:
-            reason = dropped(c.key, drops)
-            if reason is not None:
-                report.rejected.append(Rejected(c.key, f"dropped: {reason}"))
-                continue
             try:
                 img = load_rgb(c.file, long_side=1024)
             except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
@@ -457,11 +458,25 @@ def build_pool(sources: Iterable[Source], cache: Path, out: Path, drops: Sequenc
             cands.append(c)
             n += 1
         log(f"{source} {f.version}: {len(found)} images of >= {min_side} px, {n} pass the photo check")
-    kept, dupes = deduplicate(cands, max_distance)
+    unique, dupes = deduplicate(cands, max_distance)
     report.rejected += dupes
+    # the drop list names the copy the sheets show; its duplicates went with it above
+    by_key = {c.key: c for c in unique}
+    for c in dupes:
+        kept_key = c.reason.removeprefix("duplicate of ").rsplit(" (", 1)[0]
+        reason = dropped(kept_key, drops) if kept_key in by_key else None
+        if reason is not None:
+            c.reason += f", dropped with it: {reason}"
+    kept = []
+    for c in unique:
+        reason = dropped(c.key, drops)
+        if reason is None:
+            kept.append(c)
+        else:
+            report.rejected.append(Rejected(c.key, f"dropped: {reason}"))
     kept.sort(key=lambda c: c.key)
     report.kept = kept
-    log(f"{len(cands)} candidates, {len(dupes)} duplicates: {len(kept)} photos")
+    log(f"{len(cands)} candidates, {len(dupes)} duplicates, {len(unique) - len(kept)} dropped: {len(kept)} photos")
 
     rows = []
     for split in ("train", "val", "test"):

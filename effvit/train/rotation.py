@@ -67,6 +67,8 @@ class RotationSettings:
     pad_to: int = 40  # fashion_mnist: 28x28 padded to this square
     crop_scale: tuple[float, float] = (1.0, 1.0)  # random crop of the upright image (area share)
     hflip: bool = False  # mirror upright images (still upright)
+    colour: tuple[float, float] | None = None  # (probability, strength): brightness/contrast/saturation/hue
+    noise: tuple[float, float] | None = None  # (probability, max Gaussian sigma, 0..255 at the input size)
     jpeg: tuple[float, int, int] | None = None  # (probability, min quality, max quality) after rotation
     blur: tuple[float, float] | None = None  # (probability, max Gaussian radius in input pixels)
     mean: tuple[float, ...] | None = None  # None: Fashion-MNIST's statistics, or the backbone's
@@ -253,7 +255,7 @@ def build_rotation_task(cfg: RotationConfig, log=print) -> RotationTask:
     c = model.config
     common = dict(size=c["img_size"], mean=c["mean"], std=c["std"], angle_range=s.angle_range, crop=s.crop)
     train_ds = RotatedImages(train_src, repeats=s.repeats, crop_scale=s.crop_scale, hflip=s.hflip,
-                             jpeg=s.jpeg, blur=s.blur, **common)
+                             colour=s.colour, noise=s.noise, jpeg=s.jpeg, blur=s.blur, **common)
     val_ds = RotatedImages(val_src, seed=s.val_seed, repeats=s.val_repeats, **common)
     log(f"rotation {s.method} on {cfg.model.name}: {len(train_src)} training images x {s.repeats}, "
         f"{len(val_src)} validation x {s.val_repeats}; angles {s.angle_range[0]:g}..{s.angle_range[1]:g}, "
