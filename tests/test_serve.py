@@ -29,7 +29,9 @@ from effvit.predict import predict
 from effvit.rotation.geometry import rotate_crop
 from effvit.serve import open_server
 
-TILT = 6.0  # degrees, counter-clockwise, given to the tilted photo
+TILT = 10.0  # degrees, counter-clockwise, given to the tilted photo
+# the bundled model is unsure of the scanned page (confidence ~0.76, below its threshold): the parity checks run
+# with "act on every estimate", so that one photo is turned and the other kept (its tilt below one pixel)
 
 
 def make_photos(folder: Path) -> dict[str, Path]:
@@ -65,7 +67,7 @@ def command_output(photos, tmp_path_factory) -> tuple[Path, dict[str, dict]]:
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         assert main(["straighten", str(photos["tilted.jpg"]), str(photos["upright.jpg"]), "--out", str(out),
-                     "--json"]) == 0
+                     "--json", "--always"]) == 0
     return out, {Path(r["path"]).name: r for r in json.loads(buf.getvalue())}
 
 
@@ -114,7 +116,7 @@ def test_straighten_gives_what_the_command_writes(photos, command_output):
         token = session(server)
         cards = {}
         for name in ("tilted.jpg", "broken.jpg", "upright.jpg"):  # the corrupt one in the middle
-            status, cards[name] = upload(server, token, photos[name])
+            status, cards[name] = upload(server, token, photos[name], query="always=1")
             assert status == 200
         for name in ("tilted.jpg", "upright.jpg"):
             card, ref = cards[name], expected[name]
@@ -144,6 +146,8 @@ def test_straighten_gives_what_the_command_writes(photos, command_output):
             assert sorted(zf.namelist()) == ["tilted.jpg", "upright.jpg"]
             for name in zf.namelist():
                 assert zf.read(name) == (out / name).read_bytes()
+        status, unsure = upload(server, token, photos["tilted.jpg"])  # the defaults: not sure, kept
+        assert unsure["action"] == "kept" and unsure["what"] == "kept as is: not sure"
 
 
 def test_page_options_reach_straighten_and_bad_ones_are_refused(photos):

@@ -36,7 +36,8 @@ def test_the_page_in_chromium(photos, command_output, classifier, tmp_path, caps
             page.goto(server.url)
             page.wait_for_selector("body[data-ready='1']")
 
-            # Straighten: three files in one batch, the corrupt one in the middle
+            # Straighten: three files in one batch, the corrupt one in the middle, acting on every estimate
+            page.check("#s-always")
             page.set_input_files("#s-files", [str(photos[n]) for n in ("tilted.jpg", "broken.jpg", "upright.jpg")])
             page.wait_for_selector("#s-progress[data-idle='true'][data-done='3']")
             assert page.inner_text("#s-progress .count") == "3 of 3 done, 1 with errors"
