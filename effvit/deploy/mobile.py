@@ -28,10 +28,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from effvit.outputs import atomic_path
-
 from .calibration import ImageSets, batches
-from .graph import VERIFY_BATCHES, _example, _prepare, _size
+from .graph import VERIFY_BATCHES, _example, _prepare, _size, _write_verified
 from .quantize import Agreement, compare_predictions
 
 __all__ = ["MOBILE_EXTRA", "require_executorch", "xnnpack_graph", "lower_xnnpack", "Delegation",
@@ -192,18 +190,6 @@ def verify_executorch(path: str | Path, model: nn.Module, img_size: int | tuple[
     return diff
 
 
-def _write_checked(path: Path, data: bytes, check: Callable[[Path], float | None]) -> float | None:
-    """``data`` written under a temporary name, checked, then renamed to ``path``: a failed check (or an
-    interrupted write) leaves no file and an earlier one of that name as it was."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(data)
-        try:
-            return check(tmp)
-        except ValueError as e:
-            raise ValueError(f"{str(e).replace(str(tmp), str(path))}; it was not written") from None
-
-
 def export_executorch(model: nn.Module, path: str | Path, img_size: int | tuple[int, int] = 224, *,
                       batch: int = 1, verify: bool = True, atol: float = 1e-4,
                       allow_portable: bool = False) -> tuple[float | None, Delegation]:
@@ -216,8 +202,8 @@ def export_executorch(model: nn.Module, path: str | Path, img_size: int | tuple[
     fused, ref = _prepare(model)
     size = _size(img_size)
     data, delegation = lower_xnnpack(xnnpack_graph(fused, _example(fused, batch, size)), allow_portable)
-    check = (lambda file: verify_executorch(file, ref, size, atol)) if verify else (lambda file: None)
-    return _write_checked(Path(path), data, check), delegation
+    check = (lambda file: verify_executorch(file, ref, size, atol)) if verify else None
+    return _write_verified(path, lambda file: file.write_bytes(data), check), delegation
 
 
 # -- int8 ----------------------------------------------------------------------------------------------
@@ -284,5 +270,5 @@ def export_executorch_int8(model: nn.Module, path: str | Path, sets: ImageSets, 
                              + ". Try more calibration images (--calib-images)")
         return agreement.max_abs_diff
 
-    _write_checked(Path(path), data, check)
+    _write_verified(path, lambda file: file.write_bytes(data), check)
     return n, result["agreement"], delegation, skipped
