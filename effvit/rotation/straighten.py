@@ -300,7 +300,7 @@ def save_like(img: Image.Image | Sequence[Image.Image], src: Image.Image, path: 
 
 
 def plan_outputs(inputs: Sequence[str | Path], out_dir: str | Path,
-                 overwrite: bool = True) -> list[tuple[Path, Path]]:
+                 overwrite: bool = False) -> list[tuple[Path, Path]]:
     """(input file, output file) pairs: files go to out_dir/name, folders keep their layout below it. An
     output that is its input is refused; one that exists already only with ``overwrite``."""
     out_dir = Path(out_dir)

@@ -16,7 +16,6 @@ and builds it. Without a compiler ``extension_path`` raises ``KernelUnavailable`
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import functools
 import hashlib
 import os
@@ -25,6 +24,11 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; parallel first builds there may race
+    fcntl = None
 
 __all__ = ["KernelUnavailable", "SOURCES", "available", "build_extension", "cache_dir", "extension_path",
            "find_compiler"]
@@ -107,7 +111,8 @@ def build_extension() -> Path:
         return library
     target.mkdir(parents=True, exist_ok=True)
     with open(target / ".lock", "w") as lock:  # parallel test workers: one builds, the others wait
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        if fcntl is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)
         if library.exists():
             return library
         with tempfile.TemporaryDirectory(dir=target, prefix=".build") as build:
