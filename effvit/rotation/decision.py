@@ -21,6 +21,7 @@ from .geometry import crop_size
 from .metrics import circular_error
 
 ROTATED, KEPT = "rotated", "kept"
+UNSURE = "kept: confidence"  # how the reason of a photo kept for a low confidence starts
 MODEL_KEY = "min_confidence"  # the model file's config key of its chosen threshold
 
 
@@ -89,7 +90,7 @@ class DecisionRule:
         """The action for a photo of ``size`` (width, height) whose estimate is ``angle`` (signed degrees)
         at ``confidence``."""
         if not confidence >= self.min_confidence:  # NaN confidence: kept
-            return Decision(KEPT, f"kept: confidence {_below(confidence, self.min_confidence)}")
+            return Decision(KEPT, f"{UNSURE} {_below(confidence, self.min_confidence)}")
         if self.min_angle is None:
             limit = one_pixel_angle(size[0], size[1], crop)
             if abs(angle) < limit:

@@ -35,7 +35,7 @@ from effvit.data.images import to_mode
 from effvit.models import load_model
 from effvit.outputs import atomic_path
 from effvit.predict import predict
-from effvit.rotation.decision import ROTATED, DecisionRule
+from effvit.rotation.decision import ROTATED, UNSURE, DecisionRule
 from effvit.rotation.model import RotationModel, load_rotation_model
 from effvit.rotation.straighten import TTA, StraightenOptions, open_upright, parse_range, straighten_files
 
@@ -110,7 +110,7 @@ def what_was_done(action: str, angle: float, reason: str) -> str:
     """The card's one-line outcome: 'rotated by -3.2 degrees', 'kept as is: not sure'."""
     if action == ROTATED:
         return f"rotated by {-angle:.1f} degrees"
-    return f"kept as is: {'not sure' if reason.startswith('kept: confidence') else 'the tilt is too small to matter'}"
+    return f"kept as is: {'not sure' if reason.startswith(UNSURE) else 'the tilt is too small to matter'}"
 
 
 def _range_text(window: tuple[float, float] | None) -> str:
